@@ -1,0 +1,98 @@
+"""CLIP text encoder that takes subject embeddings spliced into its token embeddings.
+
+Built from transformers' Flax CLIP modules, so the parameter tree is exactly `FlaxCLIPTextModel`'s
+(`{"text_model": {"embeddings", "encoder", "final_layer_norm"}}`) and its weights convert like CLIP's.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+from transformers import CLIPTextConfig
+from transformers.models.clip.modeling_flax_clip import FlaxCLIPEncoder, FlaxCLIPTextEmbeddings
+
+
+def splice_subject_embeddings(token_embeds, ctx_embeddings, ctx_begin_pos):
+    """Insert `ctx_embeddings` (B, Q, D) into `token_embeds` (B, T, D) before position `ctx_begin_pos` (B,).
+
+    Returns (B, T + Q, D): tokens [0, p), the Q subject embeddings, tokens [p, T). `ctx_begin_pos` may
+    differ per example and may be traced: the splice is a gather, not a Python loop.
+    """
+    num_queries = ctx_embeddings.shape[1]
+    total = token_embeds.shape[1] + num_queries
+    j = jnp.arange(total)[None, :]
+    begin = jnp.asarray(ctx_begin_pos, jnp.int32).reshape(-1, 1)
+    begin = jnp.broadcast_to(begin, (token_embeds.shape[0], 1))
+    is_ctx = (j >= begin) & (j < begin + num_queries)
+    token_idx = jnp.where(j < begin, j, j - num_queries).clip(0, token_embeds.shape[1] - 1)
+    ctx_idx = (j - begin).clip(0, num_queries - 1)
+    from_tokens = jnp.take_along_axis(token_embeds, token_idx[..., None], axis=1)
+    from_ctx = jnp.take_along_axis(ctx_embeddings.astype(token_embeds.dtype), ctx_idx[..., None], axis=1)
+    return jnp.where(is_ctx[..., None], from_ctx, from_tokens)
+
+
+class FlaxContextCLIPTextTransformer(nn.Module):
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embeddings = FlaxCLIPTextEmbeddings(self.config, dtype=self.dtype)
+        self.encoder = FlaxCLIPEncoder(self.config, dtype=self.dtype)
+        self.final_layer_norm = nn.LayerNorm(epsilon=self.config.layer_norm_eps, dtype=self.dtype)
+
+    def __call__(self, input_ids, ctx_embeddings=None, ctx_begin_pos=None, attention_mask=None):
+        """Returns `(last_hidden_state, pooled_output)`.
+
+        input_ids: (B, T). ctx_embeddings: (B, Q, D) or None. ctx_begin_pos: int or (B,) ints.
+        attention_mask: optional (B, T) padding mask over the tokens (subject positions are always attended).
+        """
+        input_ids = input_ids.astype(jnp.int32)
+        embeds = self.embeddings.token_embedding(input_ids)
+        num_queries = 0
+        if ctx_embeddings is not None:
+            if ctx_begin_pos is None:
+                raise ValueError("ctx_begin_pos is required when ctx_embeddings are given")
+            num_queries = ctx_embeddings.shape[1]
+            embeds = splice_subject_embeddings(embeds, ctx_embeddings, ctx_begin_pos)
+            if attention_mask is not None:
+                ones = jnp.ones((attention_mask.shape[0], num_queries), attention_mask.dtype)
+                attention_mask = splice_subject_embeddings(
+                    attention_mask[..., None], ones[..., None], ctx_begin_pos
+                )[..., 0]
+        length = embeds.shape[1]
+        if length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"input_ids ({input_ids.shape[1]} tokens) plus {num_queries} subject embeddings exceed "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        # Position embeddings are added after the splice, over the whole sequence (as diffusers does).
+        hidden = embeds + self.embeddings.position_embedding(jnp.arange(length)[None])
+        # FlaxCLIPEncoder applies CLIP's causal mask itself (the config is a CLIPTextConfig).
+        hidden = self.encoder(hidden, attention_mask=attention_mask, deterministic=True, return_dict=False)[0]
+        hidden = self.final_layer_norm(hidden)
+        eos_index = self._eos_index(input_ids)
+        if ctx_embeddings is not None:
+            # The EOS token sits num_queries further right once the subject is spliced in before it.
+            begin = jnp.broadcast_to(jnp.asarray(ctx_begin_pos).reshape(-1), eos_index.shape)
+            eos_index = jnp.where(eos_index >= begin, eos_index + num_queries, eos_index)
+        pooled = hidden[jnp.arange(hidden.shape[0]), eos_index]
+        return hidden, pooled
+
+    def _eos_index(self, input_ids):
+        # Same rule as FlaxCLIPTextTransformer (legacy configs with eos_token_id == 2 use the largest id).
+        if self.config.eos_token_id == 2:
+            return input_ids.argmax(axis=-1)
+        return (input_ids == self.config.eos_token_id).argmax(axis=-1)
+
+
+class FlaxContextCLIPTextModel(nn.Module):
+    """Top level whose params are `{"text_model": ...}`, exactly as `FlaxCLIPTextModel`'s."""
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.text_model = FlaxContextCLIPTextTransformer(self.config, dtype=self.dtype)
+
+    def __call__(self, input_ids, ctx_embeddings=None, ctx_begin_pos=None, attention_mask=None):
+        return self.text_model(input_ids, ctx_embeddings, ctx_begin_pos, attention_mask)

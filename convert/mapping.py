@@ -1,0 +1,107 @@
+"""Strict PyTorch-name -> Flax-path mapping for one component's state dict.
+
+Every PyTorch tensor must be used exactly once and every Flax leaf filled with a matching shape; a
+known non-parameter buffer is skipped only if it is on the component's explicit list. Anything else is a
+`ConversionError` that lists the offending keys. Pure numpy: no torch needed here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+# Buffers PyTorch saves that are not parameters, per component (exact names, no patterns).
+KNOWN_BUFFERS = {
+    "qformer": ("embeddings.position_ids",),
+    "text_encoder": ("text_model.embeddings.position_ids",),
+    "unet": (),
+    "vae": (),
+    "controlnet": (),
+}
+
+# diffusers' Flax attention modules name their projections differently from PyTorch's.
+_DIFFUSERS_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped keys."""
+
+
+def _diffusers_path(pt_key: str) -> list[str]:
+    # diffusers' Flax modules name list items `down_blocks_0`, not `down_blocks/0`.
+    key = re.sub(r"(\w+)\.(\d+)(?=\.|$)", r"\1_\2", pt_key)
+    key = re.sub(r"(\w+)\.(\d+)(?=\.|$)", r"\1_\2", key)  # a second pass catches `a.0.b.1`
+    parts = key.split(".")
+    if len(parts) > 1 and parts[-2] in _DIFFUSERS_ATTENTION_NAMES:
+        parts[-2] = _DIFFUSERS_ATTENTION_NAMES[parts[-2]]
+    return parts
+
+
+def _candidates(pt_key: str, style: str):
+    """Possible Flax paths for a PyTorch key, with the transform each implies."""
+    parts = _diffusers_path(pt_key) if style == "diffusers" else pt_key.split(".")
+    prefix, leaf = tuple(parts[:-1]), parts[-1]
+    if leaf == "weight":
+        return [(prefix + ("kernel",), "kernel"), (prefix + ("scale",), "copy"), (prefix + ("embedding",), "copy")]
+    return [(prefix + (leaf,), "copy")]
+
+
+def _transform(array: np.ndarray, how: str) -> np.ndarray:
+    if how == "kernel" and array.ndim == 2:  # Linear (out, in) -> Dense (in, out)
+        return array.T
+    if how == "kernel" and array.ndim == 4:  # Conv (out, in, kh, kw) -> (kh, kw, in, out)
+        return array.transpose(2, 3, 1, 0)
+    return array
+
+
+def map_state_dict(
+    state_dict: dict[str, np.ndarray],
+    expected: dict[tuple, tuple],
+    *,
+    component: str,
+    style: str,
+    source: str = "",
+) -> dict[tuple, np.ndarray]:
+    """Map `state_dict` onto the flat Flax leaves `expected` (path -> shape). Returns flat path -> array.
+
+    style: "transformers" (list items are path elements: `layers/0`) or "diffusers" (`down_blocks_0`).
+    """
+    skip = set(KNOWN_BUFFERS.get(component, ()))
+    filled: dict[tuple, np.ndarray] = {}
+    filled_by: dict[tuple, str] = {}
+    unexpected, wrong_shape, duplicate = [], [], []
+    mis_shaped: set[tuple] = set()
+    for pt_key, tensor in state_dict.items():
+        if pt_key in skip:
+            continue
+        for path, how in _candidates(pt_key, style):
+            if path in expected:
+                break
+        else:
+            unexpected.append(pt_key)
+            continue
+        array = _transform(np.asarray(tensor), how)
+        if tuple(array.shape) != tuple(expected[path]):
+            wrong_shape.append(f"{pt_key}: checkpoint {tuple(np.shape(tensor))}, model expects {tuple(expected[path])}")
+            mis_shaped.add(path)  # reported once, as a wrong shape, not again as missing
+            continue
+        if path in filled:
+            duplicate.append(f"{pt_key} and {filled_by[path]}")
+            continue
+        filled[path], filled_by[path] = array, pt_key
+    missing = [".".join(p) for p in expected if p not in filled and p not in mis_shaped]
+    problems = []
+    where = f" in {source}" if source else ""
+    if missing:
+        problems.append(f"missing tensors{where} for Flax params: {', '.join(sorted(missing))}")
+    if unexpected:
+        problems.append(f"unexpected tensors{where} (used by no param): {', '.join(sorted(unexpected))}")
+    if wrong_shape:
+        problems.append(f"wrong shapes{where}: {'; '.join(wrong_shape)}")
+    if duplicate:
+        problems.append(f"tensors{where} that fill the same param: {'; '.join(duplicate)}")
+    if problems:
+        raise ConversionError(f"{component}: " + " | ".join(problems))
+    return filled
+
