@@ -1,0 +1,19 @@
+"""blipdiff-jax: BLIP-Diffusion (subject-driven generation and editing) in JAX/Flax."""
+
+from ._quiet import silence_flax_deprecation
+
+silence_flax_deprecation()
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy, so `import blipdiff_jax` stays cheap and the CLI starts fast.
+    if name in ("FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput"):
+        from . import pipelines
+
+        return getattr(pipelines, name)
+    raise AttributeError(name)
+
+
+__all__ = ["FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput", "__version__"]

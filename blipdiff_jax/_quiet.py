@@ -1,17 +1,13 @@
 """Silence the one-line Flax deprecation notices diffusers and transformers print for every Flax class.
 
 We pin the last releases that still ship those classes on purpose; users should see only our messages.
+The notices come from many module loggers that propagate to each library's root handler, so the filter
+sits on those handlers.
 """
 
 import logging
 
 _NOTICES = ("Flax classes are deprecated", "TensorFlow and JAX classes are deprecated")
-_LOGGERS = (
-    "diffusers.models.modeling_flax_utils",
-    "diffusers.schedulers.scheduling_utils_flax",
-    "diffusers.pipelines.pipeline_flax_utils",
-    "transformers.modeling_flax_utils",
-)
 
 
 class _DropFlaxDeprecation(logging.Filter):
@@ -20,7 +16,11 @@ class _DropFlaxDeprecation(logging.Filter):
 
 
 def silence_flax_deprecation() -> None:
-    for name in _LOGGERS:
-        log = logging.getLogger(name)
-        if not any(isinstance(f, _DropFlaxDeprecation) for f in log.filters):
-            log.addFilter(_DropFlaxDeprecation())
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        root = library.get_logger()  # also installs the library's default handler
+        for target in [root, *root.handlers]:
+            if not any(isinstance(f, _DropFlaxDeprecation) for f in target.filters):
+                target.addFilter(_DropFlaxDeprecation())

@@ -153,3 +153,72 @@ def image_processor_config(image_size: int = 64) -> dict:
         "image_std": [0.26862954, 0.26130258, 0.27577711],
         "do_convert_rgb": True,
     }
+
+
+def build_tiny_model(workdir: str, seed: int = 0):
+    """The embedded demo model: tiny configs, RANDOM weights (seeded), offline tokenizers.
+
+    Returns a `ConvertedModel`; its images are noise-like by construction, it only proves the install works.
+    """
+    from transformers import BertTokenizer, CLIPTokenizer
+
+    from . import components
+    from .checkpoint import ConvertedModel
+
+    bert_dir = write_bert_tokenizer(os.path.join(workdir, "bert"))
+    configs = {
+        "qformer": {**qformer_config(), "tokenizer": bert_dir},
+        "text_encoder": text_encoder_config(),
+        "unet": unet_config(),
+        "vae": vae_config(),
+        "scheduler": scheduler_config(),
+        "image_processor": image_processor_config(),
+    }
+    params = {}
+    for offset, name in enumerate(("qformer", "text_encoder", "unet", "vae")):
+        shapes = components.param_shapes(name, components.build_model(name, configs[name]))
+        params[name] = random_params(shapes, seed + offset)
+    bert = BertTokenizer.from_pretrained(bert_dir)
+    bert.add_special_tokens({"bos_token": "[DEC]"})
+    processor = image_processor_config()
+    return ConvertedModel(
+        pipeline_config={"ctx_begin_pos": 2, "mean": processor["image_mean"], "std": processor["image_std"]},
+        configs=configs,
+        params=params,
+        tokenizer=CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(workdir, "clip"))),
+        qformer_tokenizer=bert,
+    )
+
+
+def random_params(shapes: dict, seed: int) -> dict:
+    """Random params from flat path -> shape, drawn with numpy (compiling each model's init costs far more
+    on a small CPU): norms start at identity, biases at zero, kernels scaled by 1/sqrt(fan-in)."""
+    import numpy as np
+    from flax.traverse_util import unflatten_dict
+
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, shape in sorted(shapes.items()):
+        leaf = path[-1]
+        if leaf == "scale":
+            value = np.ones(shape)
+        elif leaf == "bias":
+            value = np.zeros(shape)
+        elif leaf == "kernel":
+            value = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+        else:  # embeddings, query tokens, class/position embeddings
+            value = rng.standard_normal(shape) * 0.02
+        flat[path] = value.astype(np.float32)
+    return unflatten_dict(flat)
+
+
+def demo_reference_image(size: int = 96):
+    """A synthetic reference picture (a disc on a gradient), so the demo needs no files."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    image = np.stack([x, y, 1 - x], axis=-1) * 200
+    disc = (x - 0.5) ** 2 + (y - 0.55) ** 2 < 0.08
+    image[disc] = (180, 120, 60)
+    return Image.fromarray(image.astype(np.uint8))

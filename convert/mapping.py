@@ -28,23 +28,29 @@ class ConversionError(ValueError):
     """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped keys."""
 
 
-def _diffusers_path(pt_key: str) -> list[str]:
+def _diffusers_path(pt_key: str) -> list[list[str]]:
     # diffusers' Flax modules name list items `down_blocks_0`, not `down_blocks/0`.
     key = re.sub(r"(\w+)\.(\d+)(?=\.|$)", r"\1_\2", pt_key)
     key = re.sub(r"(\w+)\.(\d+)(?=\.|$)", r"\1_\2", key)  # a second pass catches `a.0.b.1`
     parts = key.split(".")
+    variants = [parts]
+    # The VAE's Flax attention says query/key/value/proj_attn, the UNet's keeps to_q/... : try both.
     if len(parts) > 1 and parts[-2] in _DIFFUSERS_ATTENTION_NAMES:
-        parts[-2] = _DIFFUSERS_ATTENTION_NAMES[parts[-2]]
-    return parts
+        variants.append(parts[:-2] + [_DIFFUSERS_ATTENTION_NAMES[parts[-2]], parts[-1]])
+    return variants
 
 
 def _candidates(pt_key: str, style: str):
     """Possible Flax paths for a PyTorch key, with the transform each implies."""
-    parts = _diffusers_path(pt_key) if style == "diffusers" else pt_key.split(".")
-    prefix, leaf = tuple(parts[:-1]), parts[-1]
-    if leaf == "weight":
-        return [(prefix + ("kernel",), "kernel"), (prefix + ("scale",), "copy"), (prefix + ("embedding",), "copy")]
-    return [(prefix + (leaf,), "copy")]
+    variants = _diffusers_path(pt_key) if style == "diffusers" else [pt_key.split(".")]
+    out = []
+    for parts in variants:
+        prefix, leaf = tuple(parts[:-1]), parts[-1]
+        if leaf == "weight":
+            out += [(prefix + ("kernel",), "kernel"), (prefix + ("scale",), "copy"), (prefix + ("embedding",), "copy")]
+        else:
+            out.append((prefix + (leaf,), "copy"))
+    return out
 
 
 def _transform(array: np.ndarray, how: str) -> np.ndarray:

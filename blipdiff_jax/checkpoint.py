@@ -1,0 +1,139 @@
+"""A converted BLIP-Diffusion directory: configs, tokenizers and orbax params, written atomically.
+
+Layout (self-contained, loads without torch):
+
+    model_index.json            {"_class_name": "FlaxBlipDiffusionPipeline", "ctx_begin_pos", "mean", "std", ...}
+    qformer/config.json         transformers Blip2Config
+    text_encoder/config.json    transformers CLIPTextConfig
+    unet/ vae/ [controlnet/]    diffusers config.json
+    scheduler/scheduler_config.json
+    image_processor/preprocessor_config.json
+    tokenizer/                  CLIP tokenizer
+    qformer_tokenizer/          the Q-Former's BERT tokenizer (with the "[DEC]" token added)
+    params/                     orbax-checkpoint of {"qformer": ..., "text_encoder": ..., "unet": ..., ...}
+    [subject_embeddings.npy]    learned subject embeddings (fine-tuned models)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+FORMAT_NAME = "FlaxBlipDiffusionPipeline"
+PARAMS_DIR = "params"
+
+
+@dataclasses.dataclass
+class ConvertedModel:
+    """Everything a pipeline is built from, wherever it was read from."""
+
+    pipeline_config: dict  # ctx_begin_pos, mean, std
+    configs: dict  # component name -> config dict (qformer, text_encoder, unet, vae, scheduler, image_processor, [controlnet])
+    params: dict  # component name -> Flax param tree
+    tokenizer: object  # CLIPTokenizer
+    qformer_tokenizer: object  # BertTokenizer
+    subject_embeddings: np.ndarray | None = None
+
+    @property
+    def components(self) -> list[str]:
+        return sorted(self.params)
+
+
+def _write_json(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+
+
+def _config_path(root: str, name: str) -> str:
+    if name == "scheduler":
+        return os.path.join(root, "scheduler", "scheduler_config.json")
+    if name == "image_processor":
+        return os.path.join(root, "image_processor", "preprocessor_config.json")
+    return os.path.join(root, name, "config.json")
+
+
+def save_converted(model: ConvertedModel, out: str, *, overwrite: bool = False) -> str:
+    """Write `model` to `out`. The directory appears complete or not at all: everything is written to a
+    sibling temporary directory that is renamed into place last. An existing `out` is never touched unless
+    `overwrite=True` (then it is replaced only after the new one is complete)."""
+    import orbax.checkpoint as ocp
+
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists; choose a new path or pass overwrite=True")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(out) + ".incomplete-", dir=parent)
+    try:
+        index = {"_class_name": FORMAT_NAME, "components": model.components, **model.pipeline_config}
+        _write_json(os.path.join(staging, "model_index.json"), index)
+        for name, config in model.configs.items():
+            _write_json(_config_path(staging, name), config)
+        model.tokenizer.save_pretrained(os.path.join(staging, "tokenizer"))
+        model.qformer_tokenizer.save_pretrained(os.path.join(staging, "qformer_tokenizer"))
+        if model.subject_embeddings is not None:
+            np.save(os.path.join(staging, "subject_embeddings.npy"), np.asarray(model.subject_embeddings))
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(staging, PARAMS_DIR), model.params)
+        checkpointer.wait_until_finished()
+        if os.path.exists(out):
+            backup = staging + ".old"
+            os.rename(out, backup)
+            os.rename(staging, out)
+            shutil.rmtree(backup)
+        else:
+            os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def is_converted_directory(path: str) -> bool:
+    index = os.path.join(path, "model_index.json")
+    if not (os.path.isfile(index) and os.path.isdir(os.path.join(path, PARAMS_DIR))):
+        return False
+    with open(index) as f:
+        return json.load(f).get("_class_name") == FORMAT_NAME
+
+
+def load_converted(path: str) -> ConvertedModel:
+    """Read a directory written by `save_converted` (no torch needed)."""
+    import orbax.checkpoint as ocp
+    from transformers import BertTokenizer, CLIPTokenizer
+
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if not is_converted_directory(path):
+        raise ValueError(
+            f"{path} is not a converted blipdiff-jax directory (no model_index.json naming {FORMAT_NAME} and "
+            f"no {PARAMS_DIR}/); for a diffusers PyTorch directory pass from_pt=True or run `python -m convert`"
+        )
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    components = index.pop("components")
+    index.pop("_class_name")
+    configs = {}
+    for name in list(components) + ["scheduler", "image_processor"]:
+        with open(_config_path(path, name)) as f:
+            configs[name] = json.load(f)
+    params = ocp.StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR))
+    missing = set(components) - set(params)
+    if missing:
+        raise ValueError(f"{path}/{PARAMS_DIR} lacks the params of {sorted(missing)}")
+    embeddings_file = os.path.join(path, "subject_embeddings.npy")
+    return ConvertedModel(
+        pipeline_config=index,
+        configs=configs,
+        params=params,
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
+        qformer_tokenizer=BertTokenizer.from_pretrained(os.path.join(path, "qformer_tokenizer")),
+        subject_embeddings=np.load(embeddings_file) if os.path.exists(embeddings_file) else None,
+    )

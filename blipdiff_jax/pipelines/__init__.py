@@ -1,0 +1,3 @@
+from .pipeline_blip_diffusion import FlaxBlipDiffusionPipeline, FlaxBlipDiffusionPipelineOutput
+
+__all__ = ["FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput"]

@@ -1,0 +1,66 @@
+"""The one denoising core every mode shares: UNet + guidance + scheduler step inside `lax.fori_loop`.
+
+Modes differ only in what they feed it: extra UNet residuals (ControlNet), a latents hook, a scheduler.
+Everything here is traced once per shape; nothing is Python state.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _accepts_key(scheduler) -> bool:
+    return "key" in inspect.signature(scheduler.step).parameters
+
+
+def denoise(
+    *,
+    unet,
+    unet_params,
+    scheduler,
+    scheduler_state,
+    latents,
+    context,
+    guidance_scale,
+    num_inference_steps: int,
+    do_classifier_free_guidance: bool,
+    rng=None,
+    unet_residuals: Callable | None = None,
+):
+    """Run the reverse diffusion from `latents` (B, C, h, w), already scaled by the init noise sigma.
+
+    context: (2B, L, D) as [unconditional; conditional] when guiding, else (B, L, D).
+    unet_residuals(latent_input, timestep, step) -> dict of extra UNet kwargs (ControlNet residuals).
+    Returns the final latents.
+    """
+    stochastic = _accepts_key(scheduler)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+
+    def body(step, carry):
+        latents, state = carry
+        t = state.timesteps[step]
+        latent_input = jnp.concatenate([latents, latents]) if do_classifier_free_guidance else latents
+        latent_input = scheduler.scale_model_input(state, latent_input, t)
+        timestep = jnp.broadcast_to(t, (latent_input.shape[0],)).astype(jnp.int32)
+        extra = unet_residuals(latent_input, timestep, step) if unet_residuals is not None else {}
+        noise = unet.apply({"params": unet_params}, latent_input, timestep, context, **extra).sample
+        if do_classifier_free_guidance:
+            uncond, cond = jnp.split(noise, 2)
+            noise = uncond + guidance_scale * (cond - uncond)
+        kwargs = {"key": jax.random.fold_in(rng, step)} if stochastic else {}
+        latents, state = scheduler.step(state, noise.astype(latents.dtype), t, latents, **kwargs).to_tuple()
+        return latents, state
+
+    latents, _ = lax.fori_loop(0, num_inference_steps, body, (latents, scheduler_state))
+    return latents
+
+
+def decode_latents(vae, vae_params, latents):
+    """VAE latents (B, C, h, w) -> images (B, H, W, 3) in [0, 1]."""
+    image = vae.apply({"params": vae_params}, latents / vae.config.scaling_factor, method=vae.decode).sample
+    return jnp.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)

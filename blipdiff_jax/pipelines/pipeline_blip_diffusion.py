@@ -1,0 +1,353 @@
+"""Zero-shot subject-driven generation: `FlaxBlipDiffusionPipeline`, a drop-in for diffusers'
+`BlipDiffusionPipeline` (same arguments, defaults and meaning) that runs as one compiled program.
+
+    pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained("converted-dir")
+    out = pipeline("swimming underwater", "dog.png", "dog", "dog", params=params, prng_seed=jax.random.PRNGKey(0))
+    out.images[0].save("dog.png")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import components
+from .._quiet import silence_flax_deprecation
+from ..checkpoint import ConvertedModel, is_converted_directory, load_converted
+from ..image_processing import numpy_to_pil, preprocess_reference
+from .denoise import decode_latents, denoise
+
+silence_flax_deprecation()
+
+OUTPUT_TYPES = ("pil", "np")
+MAX_SIDE = 4096  # documented maximum height/width in pixels
+
+
+@dataclasses.dataclass
+class FlaxBlipDiffusionPipelineOutput:
+    images: object  # list of PIL images, or an array (batch, height, width, 3) in [0, 1]
+
+
+def _as_list(value, argname: str, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        if not value:
+            raise ValueError(f"{argname} is an empty list")
+        return list(value)
+    raise TypeError(f"{argname} must be a string or a list of strings, not {type(value).__name__}")
+
+
+def _broadcast(values: list, batch: int, argname: str) -> list:
+    if len(values) == batch:
+        return values
+    if len(values) == 1:
+        return values * batch
+    raise ValueError(f"{argname} has {len(values)} entries but there are {batch} prompts (give 1 or {batch})")
+
+
+def scheduler_from_config(config: dict):
+    """The diffusers Flax scheduler named by a PyTorch `scheduler_config.json` (`PNDMScheduler` -> `FlaxPNDMScheduler`)."""
+    import diffusers
+
+    name = config.get("_class_name", "PNDMScheduler")
+    cls = getattr(diffusers, name if name.startswith("Flax") else "Flax" + name, None)
+    if cls is None:
+        raise ValueError(f"scheduler: no Flax scheduler for {name!r}")
+    return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+class FlaxBlipDiffusionPipeline:
+    def __init__(self, model: ConvertedModel, *, dtype=jnp.float32, scheduler=None):
+        self.dtype = dtype
+        self.configs = model.configs
+        self.tokenizer = model.tokenizer
+        self.qformer_tokenizer = model.qformer_tokenizer
+        self.ctx_begin_pos = int(model.pipeline_config.get("ctx_begin_pos", 2))
+        self.mean = model.pipeline_config.get("mean")
+        self.std = model.pipeline_config.get("std")
+        self.subject_embeddings = model.subject_embeddings
+        self.qformer = components.build_model("qformer", model.configs["qformer"], dtype)
+        self.text_encoder = components.build_model("text_encoder", model.configs["text_encoder"], dtype)
+        self.unet = components.build_model("unet", model.configs["unet"], dtype)
+        self.vae = components.build_model("vae", model.configs["vae"], dtype)
+        self.scheduler = scheduler if scheduler is not None else scheduler_from_config(model.configs["scheduler"])
+        qcfg = self.qformer.config
+        self.num_query_tokens = qcfg.num_query_tokens
+        self.reference_size = self._reference_size(model.configs.get("image_processor", {}), qcfg.vision_config.image_size)
+        self.max_text_length = self.text_encoder.config.max_position_embeddings
+        # Latent size as the PyTorch pipeline computes it (from the UNet), and what the Flax UNet can divide.
+        self.latent_factor = 2 ** (len(self.unet.block_out_channels) - 1)
+        self.size_multiple = self.latent_factor * 2 ** (len(self.unet.block_out_channels) - 1)
+        self._encode_subject = jax.jit(self._encode_subject_fn)
+        self._generate_jit = jax.jit(self._generate, static_argnames=("num_inference_steps", "do_cfg"))
+        self._generate_pmap = jax.pmap(
+            self._generate, in_axes=(0, 0, 0, 0, 0, None, None, None, None), static_broadcasted_argnums=(7, 8)
+        )
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        from_pt: bool = False,
+        dtype=jnp.float32,
+        scheduler=None,
+        qformer_tokenizer: str | None = None,
+        **kwargs,
+    ):
+        """Returns `(pipeline, params)`. `path`: a converted directory (`python -m convert`), or with
+        `from_pt=True` a diffusers-layout PyTorch directory converted on the fly (needs torch only for `.bin`)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a directory path, not {type(path).__name__}")
+        path = os.fspath(path)
+        if from_pt:
+            from convert.pytorch_dir import read_pytorch_directory
+
+            model = read_pytorch_directory(path, qformer_tokenizer=qformer_tokenizer, **kwargs)
+        else:
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"path: model directory {path!r} does not exist")
+            if not is_converted_directory(path) and os.path.isfile(os.path.join(path, "unet", "config.json")):
+                raise ValueError(f"path: {path!r} is a PyTorch (diffusers) directory; pass from_pt=True or convert it first")
+            model = load_converted(path)
+        return cls.from_converted(model, dtype=dtype, scheduler=scheduler)
+
+    @classmethod
+    def from_converted(cls, model: ConvertedModel, dtype=jnp.float32, scheduler=None):
+        pipeline = cls(model, dtype=dtype, scheduler=scheduler)
+        params = {name: components.cast_params(model.params[name], dtype) for name in ("qformer", "text_encoder", "unet", "vae")}
+        params["scheduler"] = pipeline.scheduler.create_state()
+        return pipeline, params
+
+    @staticmethod
+    def _reference_size(processor_config: dict, image_size: int) -> dict:
+        size = processor_config.get("size") or {}
+        if "height" in size and "width" in size:
+            return {"height": size["height"], "width": size["width"]}
+        return {"height": image_size, "width": image_size}
+
+    # ------------------------------------------------------------------ subject embeddings
+
+    def _encode_subject_fn(self, qformer_params, input_ids, attention_mask, pixel_values):
+        return self.qformer.apply({"params": qformer_params}, input_ids, attention_mask, pixel_values)
+
+    def encode_subject(self, reference_image, source_subject_category, params, ratio=None):
+        """Subject embeddings `(n, num_query_tokens, hidden)` from reference image(s) and category word(s).
+
+        One image may serve several categories and one category several images. With `ratio` (LAVIS's
+        multi-subject blend: one weight per image/category pair, summing to 1) the result is their
+        weighted sum, shape `(1, num_query_tokens, hidden)`.
+        """
+        images = list(reference_image) if isinstance(reference_image, (list, tuple)) else [reference_image]
+        if not images:
+            raise ValueError("reference_image is an empty list")
+        categories = _as_list(source_subject_category, "source_subject_category")
+        count = max(len(images), len(categories))
+        images = _broadcast(images, count, "reference_image")
+        categories = _broadcast(categories, count, "source_subject_category")
+        if ratio is not None:
+            ratio = np.asarray(ratio, dtype=np.float64).reshape(-1)
+            if ratio.shape[0] != count:
+                raise ValueError(f"ratio has {ratio.shape[0]} weights for {count} subjects")
+            if not np.all(np.isfinite(ratio)) or abs(ratio.sum() - 1.0) > 1e-6:
+                raise ValueError(f"ratio must be finite weights that sum to 1, got {ratio.tolist()}")
+        pixels = preprocess_reference(images, self.reference_size, self.mean, self.std)
+        tokens = self.qformer_tokenizer(categories, padding=True, return_tensors="np")
+        qformer_params = params["qformer"] if "qformer" in params else params
+        embeddings = self._encode_subject(
+            qformer_params, tokens.input_ids.astype(np.int32), tokens.attention_mask.astype(np.int32), jnp.asarray(pixels, self.dtype)
+        )
+        if ratio is not None:
+            embeddings = jnp.tensordot(jnp.asarray(ratio, embeddings.dtype), embeddings, axes=1)[None]
+        return embeddings
+
+    # ------------------------------------------------------------------ text
+
+    def build_prompts(self, prompts, target_subjects, prompt_strength=1.0, prompt_reps=20):
+        """diffusers' prompt amplification: "a {target} {prompt}" repeated int(strength * reps) times."""
+        return [
+            ", ".join([f"a {target} {prompt.strip()}"] * int(prompt_strength * prompt_reps))
+            for prompt, target in zip(prompts, target_subjects)
+        ]
+
+    def prepare_inputs(self, prompts: list[str], neg_prompts: list[str]):
+        """Token ids: prompts padded/truncated to `77 - num_query_tokens`, negative prompts to 77."""
+        budget = self.max_text_length - self.num_query_tokens
+        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=budget, return_tensors="np").input_ids
+        uncond = self.tokenizer(
+            neg_prompts, padding="max_length", truncation=True, max_length=self.max_text_length, return_tensors="np"
+        ).input_ids
+        return ids.astype(np.int32), uncond.astype(np.int32)
+
+    def _warn_if_truncated(self, first_repetitions: list[str]):
+        budget = self.max_text_length - self.num_query_tokens
+        for text in first_repetitions:
+            if len(self.tokenizer(text).input_ids) > budget:
+                warnings.warn(
+                    f"The prompt {text[:60]!r}... is longer than the {budget}-token budget "
+                    f"(77 - {self.num_query_tokens} subject tokens) and is truncated",
+                    stacklevel=3,
+                )
+
+    # ------------------------------------------------------------------ the compiled program
+
+    def _generate(self, params, prompt_ids, uncond_ids, subject_embeds, latents, guidance_scale, rng, num_inference_steps, do_cfg):
+        text_params = {"params": params["text_encoder"]}
+        ctx_pos = jnp.full((prompt_ids.shape[0],), self.ctx_begin_pos, jnp.int32)
+        context = self.text_encoder.apply(text_params, prompt_ids, subject_embeds, ctx_pos)[0]
+        if do_cfg:
+            uncond = self.text_encoder.apply(text_params, uncond_ids)[0]
+            context = jnp.concatenate([uncond, context])
+        state = self.scheduler.set_timesteps(params["scheduler"], num_inference_steps=num_inference_steps, shape=latents.shape)
+        latents = latents * state.init_noise_sigma
+        latents = denoise(
+            unet=self.unet,
+            unet_params=params["unet"],
+            scheduler=self.scheduler,
+            scheduler_state=state,
+            latents=latents,
+            context=context,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            do_classifier_free_guidance=do_cfg,
+            rng=rng,
+        )
+        return decode_latents(self.vae, params["vae"], latents)
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_size(self, height, width):
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+            if value < 1 or value > MAX_SIDE:
+                raise ValueError(f"{name}={value} must be between 1 and {MAX_SIDE}")
+            if value % self.size_multiple:
+                raise ValueError(f"{name}={value} must be a multiple of {self.size_multiple} for this model")
+
+    def _check_common(self, height, width, num_inference_steps, guidance_scale, output_type):
+        self._check_size(height, width)
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+            raise TypeError(f"num_inference_steps must be an int, not {type(num_inference_steps).__name__}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps} must be at least 1")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating, np.integer)):
+            raise TypeError(f"guidance_scale must be a number, not {type(guidance_scale).__name__}")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale} must be a finite number >= 0")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
+
+    def _latents(self, latents, prng_seed, batch, height, width):
+        shape = (batch, self.unet.in_channels, height // self.latent_factor, width // self.latent_factor)
+        if latents is None:
+            if prng_seed is None:
+                raise ValueError("prng_seed: give a jax.random.PRNGKey (or pass latents)")
+            key = jnp.asarray(prng_seed)
+            key = key.reshape(-1, key.shape[-1])[0] if key.ndim > 1 else key  # per-device keys: use the first
+            return jax.random.normal(key, shape, dtype=self.dtype)
+        latents = jnp.asarray(latents)
+        if latents.shape != shape:
+            raise ValueError(f"latents has shape {tuple(latents.shape)}, expected {shape} (batch, channels, height/{self.latent_factor}, width/{self.latent_factor})")
+        if not bool(jnp.all(jnp.isfinite(latents))):
+            raise ValueError("latents hold NaN or inf")
+        return latents.astype(self.dtype)
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(
+        self,
+        prompt,
+        reference_image,
+        source_subject_category,
+        target_subject_category,
+        params=None,
+        prng_seed=None,
+        latents=None,
+        guidance_scale: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 50,
+        neg_prompt: str = "",
+        prompt_strength: float = 1.0,
+        prompt_reps: int = 20,
+        output_type: str = "pil",
+        jit: bool = False,
+        subject_embeddings=None,
+        mesh=None,
+    ):
+        """Generate images of the reference subject. Arguments as diffusers' `BlipDiffusionPipeline.__call__`,
+        plus `params`, `prng_seed`, `jit` (pmap over all devices, params replicated: diffusers' Flax
+        convention), `mesh` (a `jax.sharding.Mesh`: the batch is sharded over its first axis), and
+        `subject_embeddings` (from `encode_subject`, instead of a reference image)."""
+        if params is None:
+            raise ValueError("params: pass the params returned by from_pretrained")
+        prompts = _as_list(prompt, "prompt")
+        batch = len(prompts)
+        targets = _broadcast(_as_list(target_subject_category, "target_subject_category"), batch, "target_subject_category")
+        neg_prompts = _broadcast(_as_list(neg_prompt if neg_prompt is not None else "", "neg_prompt"), batch, "neg_prompt")
+        self._check_common(height, width, num_inference_steps, guidance_scale, output_type)
+        if jit and mesh is not None:
+            raise ValueError("jit and mesh: choose one multi-device path")
+        devices = jax.local_device_count() if jit else (mesh.devices.size if mesh is not None else 1)
+        if batch % devices:
+            raise ValueError(f"prompt: {batch} prompts cannot be split evenly over {devices} devices")
+        base_params = self._unreplicated(params) if jit else params
+
+        if subject_embeddings is None and reference_image is None:
+            if self.subject_embeddings is None:
+                raise ValueError("reference_image: required (this model has no learned subject embeddings)")
+            subject_embeddings = self.subject_embeddings
+        if subject_embeddings is None:
+            source = _as_list(source_subject_category, "source_subject_category")
+            images = list(reference_image) if isinstance(reference_image, (list, tuple)) else [reference_image]
+            _broadcast(images, batch, "reference_image")
+            _broadcast(source, batch, "source_subject_category")
+            subject_embeddings = self.encode_subject(images, source, base_params)
+        subject_embeddings = jnp.asarray(subject_embeddings, self.dtype)
+        expected = (self.num_query_tokens, self.text_encoder.config.hidden_size)
+        if subject_embeddings.ndim != 3 or subject_embeddings.shape[1:] != expected:
+            raise ValueError(f"subject_embeddings has shape {tuple(subject_embeddings.shape)}, expected (n, {expected[0]}, {expected[1]})")
+        if subject_embeddings.shape[0] not in (1, batch):
+            raise ValueError(f"subject_embeddings holds {subject_embeddings.shape[0]} subjects for {batch} prompts")
+        subject_embeddings = jnp.broadcast_to(subject_embeddings, (batch,) + expected)
+
+        self._warn_if_truncated([f"a {t} {p.strip()}" for p, t in zip(prompts, targets)])
+        prompt_ids, uncond_ids = self.prepare_inputs(self.build_prompts(prompts, targets, prompt_strength, prompt_reps), neg_prompts)
+        latents = self._latents(latents, prng_seed, batch, height, width)
+        do_cfg = guidance_scale > 1.0
+        guidance = jnp.asarray(guidance_scale, jnp.float32)
+        rng = jax.random.PRNGKey(0) if prng_seed is None else jnp.asarray(prng_seed).reshape(-1, 2)[0]
+        inputs = (prompt_ids, uncond_ids, subject_embeddings, latents)
+
+        if jit:
+            sharded = [x.reshape((devices, batch // devices) + x.shape[1:]) for x in map(jnp.asarray, inputs)]
+            images = self._generate_pmap(params, *sharded, guidance, rng, int(num_inference_steps), do_cfg)
+            images = images.reshape((batch,) + images.shape[2:])
+        else:
+            if mesh is not None:
+                from jax.sharding import NamedSharding, PartitionSpec
+
+                axis = mesh.axis_names[0]
+                inputs = [jax.device_put(x, NamedSharding(mesh, PartitionSpec(axis))) for x in inputs]
+                params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+            images = self._generate_jit(params, *inputs, guidance, rng, num_inference_steps=int(num_inference_steps), do_cfg=do_cfg)
+        images = np.asarray(jax.device_get(images), dtype=np.float32)
+        return FlaxBlipDiffusionPipelineOutput(images=images if output_type == "np" else numpy_to_pil(images))
+
+    def _unreplicated(self, params):
+        leaf = params["unet"]["conv_in"]["kernel"]
+        if leaf.ndim != 5:
+            raise ValueError("params: with jit=True pass params replicated over devices (flax.jax_utils.replicate(params))")
+        return jax.tree_util.tree_map(lambda x: x[0], params)

@@ -1,0 +1,116 @@
+"""Convert a diffusers-layout BLIP-Diffusion PyTorch directory into a `ConvertedModel`.
+
+Reads what `BlipDiffusionPipeline.save_pretrained` writes and what the Hub's `Salesforce/blipdiffusion`
+(and `-controlnet`) hold. Components are read by folder, so `model_index.json` may name the custom classes
+under any library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+from flax.traverse_util import unflatten_dict
+
+from blipdiff_jax import components
+from blipdiff_jax.checkpoint import ConvertedModel
+
+from .mapping import map_state_dict
+from .state_dict import read_folder_weights
+
+REQUIRED = ("qformer", "text_encoder", "unet", "vae", "scheduler", "tokenizer")
+DEFAULT_MEAN = [0.48145466, 0.4578275, 0.40821073]
+DEFAULT_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def convert_component(name: str, state_dict: dict, config: dict, source: str = "") -> dict:
+    """Strictly map one component's PyTorch state dict onto its Flax params."""
+    module = components.build_model(name, config)
+    shapes = components.param_shapes(name, module)
+    flat = map_state_dict(state_dict, shapes, component=name, style=components.NAMING_STYLE[name], source=source)
+    return unflatten_dict(flat)
+
+
+def load_qformer_tokenizer(src: str, config: dict, qformer_tokenizer: str | None = None):
+    """The Q-Former's BERT tokenizer: an explicit path, one saved beside the checkpoint, a local path named
+    in `qformer/config.json`, or the Hub id named there (from the local cache, else downloaded)."""
+    from transformers import BertTokenizer
+
+    named = config.get("tokenizer") or "bert-base-uncased"
+    candidates = [qformer_tokenizer, os.path.join(src, "qformer_tokenizer"), os.path.join(src, "qformer", "tokenizer")]
+    if os.path.isdir(named):
+        candidates.append(named)
+    for path in candidates:
+        if path and os.path.isfile(os.path.join(path, "vocab.txt")):
+            tokenizer = BertTokenizer.from_pretrained(path, truncation_side="right")
+            break
+        if path and path == qformer_tokenizer:
+            raise FileNotFoundError(f"qformer_tokenizer: {path} holds no BERT vocab.txt")
+    else:
+        try:
+            tokenizer = BertTokenizer.from_pretrained(named, truncation_side="right", local_files_only=True)
+        except OSError:
+            try:
+                tokenizer = BertTokenizer.from_pretrained(named, truncation_side="right")
+            except OSError as err:
+                raise FileNotFoundError(
+                    f"The Q-Former's BERT tokenizer {named!r} (named in qformer/config.json) is not in {src} and "
+                    f"could not be downloaded; pass a local copy with --qformer-tokenizer PATH "
+                    f"(Python: qformer_tokenizer=PATH)."
+                ) from err
+    if "[DEC]" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # as diffusers' Blip2QFormerModel does
+    return tokenizer
+
+
+def read_pytorch_directory(
+    src: str,
+    *,
+    qformer_tokenizer: str | None = None,
+    controlnet: str | None = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> ConvertedModel:
+    """Convert every component of `src` (and an optional separate ControlNet directory) to Flax params."""
+    from transformers import CLIPTokenizer
+
+    src = os.path.abspath(src)
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"source directory {src} does not exist")
+    missing = [name for name in REQUIRED if not os.path.isdir(os.path.join(src, name))]
+    if missing:
+        raise FileNotFoundError(f"{src} is not a diffusers BLIP-Diffusion directory: no {', '.join(missing)}/ folder")
+    index_path = os.path.join(src, "model_index.json")
+    index = _read_json(index_path) if os.path.isfile(index_path) else {}
+    pipeline_config = {
+        "ctx_begin_pos": int(index.get("ctx_begin_pos", 2)),
+        "mean": list(index.get("mean") or DEFAULT_MEAN),
+        "std": list(index.get("std") or DEFAULT_STD),
+    }
+    folders = {name: os.path.join(src, name) for name in ("qformer", "text_encoder", "unet", "vae")}
+    if controlnet is not None:
+        folders["controlnet"] = controlnet if os.path.isfile(os.path.join(controlnet, "config.json")) else os.path.join(controlnet, "controlnet")
+    elif os.path.isdir(os.path.join(src, "controlnet")):
+        folders["controlnet"] = os.path.join(src, "controlnet")
+
+    configs, params = {}, {}
+    for name, folder in folders.items():
+        config_file = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{name}: no config.json in {folder}")
+        configs[name] = _read_json(config_file)
+        state, weights_file = read_folder_weights(folder)
+        params[name] = convert_component(name, state, configs[name], source=weights_file)
+        log(f"{name}: {len(state)} tensors from {os.path.relpath(weights_file, src) if weights_file.startswith(src) else weights_file}")
+    configs["scheduler"] = _read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
+    processor_file = os.path.join(src, "image_processor", "preprocessor_config.json")
+    configs["image_processor"] = _read_json(processor_file) if os.path.isfile(processor_file) else {}
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(src, "tokenizer"))
+    bert = load_qformer_tokenizer(src, configs["qformer"], qformer_tokenizer)
+    log(f"tokenizers: CLIP ({len(tokenizer)} tokens), Q-Former BERT ({len(bert)} tokens)")
+    return ConvertedModel(pipeline_config, configs, params, tokenizer, bert)

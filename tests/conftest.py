@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random PyTorch BLIP-Diffusion models (the parity reference) built offline."""
+
+import os
+
+# Four fake CPU devices for the multi-device tests; must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+from blipdiff_jax import tiny
+
+SHARED_IMAGES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "images")
+
+
+def shared_image(name: str) -> str:
+    path = os.path.join(SHARED_IMAGES, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"../shared/images/{name} is not here (a fresh clone has no ../shared/); core behaviour is tested on generated images")
+    return path
+
+
+def randomize_(module, seed: int, std: float = 0.3):
+    """Give every parameter random values (also LayerNorm scales and the zero-initialised query tokens)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return module
+
+
+def make_image(seed: int, size=(40, 56), mode="RGB"):
+    from PIL import Image
+
+    array = np.random.RandomState(seed).randint(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(array).convert(mode)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {"clip": tiny.write_clip_tokenizer(str(root / "clip")), "bert": tiny.write_bert_tokenizer(str(root / "bert"))}
+
+
+def build_torch_pipeline(tokenizer_dirs, num_query_tokens=4, cross_attention_frequency=1, seed=0):
+    """A tiny diffusers `BlipDiffusionPipeline` with random weights."""
+    import torch
+    from diffusers import AutoencoderKL, BlipDiffusionPipeline, PNDMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
+    from transformers import Blip2Config, CLIPTextConfig, CLIPTokenizer
+
+    qconfig = Blip2Config(**tiny.qformer_config(num_query_tokens, cross_attention_frequency))
+    qconfig.tokenizer = tokenizer_dirs["bert"]
+    torch.manual_seed(seed)
+    qformer = randomize_(Blip2QFormerModel(qconfig), seed).eval()
+    text_encoder = randomize_(ContextCLIPTextModel(CLIPTextConfig(**tiny.text_encoder_config())), seed + 1).eval()
+    unet = UNet2DConditionModel(**tiny.unet_config()).eval()
+    vae = AutoencoderKL(**tiny.vae_config()).eval()
+    scheduler = PNDMScheduler(**{k: v for k, v in tiny.scheduler_config().items() if not k.startswith("_")})
+    processor = BlipImageProcessor(**{k: v for k, v in tiny.image_processor_config().items() if k != "image_processor_type"})
+    return BlipDiffusionPipeline(
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dirs["clip"]),
+        text_encoder=text_encoder,
+        vae=vae,
+        unet=unet,
+        scheduler=scheduler,
+        qformer=qformer,
+        image_processor=processor,
+        ctx_begin_pos=2,
+        mean=tiny.image_processor_config()["image_mean"],
+        std=tiny.image_processor_config()["image_std"],
+    )
+
+
+@pytest.fixture(scope="session")
+def torch_pipeline(tokenizer_dirs):
+    return build_torch_pipeline(tokenizer_dirs)
+
+
+@pytest.fixture(scope="session")
+def torch_pipeline_dir(torch_pipeline, tmp_path_factory):
+    """The directory `save_pretrained` writes (safetensors), as users have it on disk."""
+    path = tmp_path_factory.mktemp("pt") / "blipdiffusion-tiny"
+    torch_pipeline.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def flax_pipeline(torch_pipeline_dir):
+    from blipdiff_jax import FlaxBlipDiffusionPipeline
+
+    return FlaxBlipDiffusionPipeline.from_pretrained(torch_pipeline_dir, from_pt=True)
