@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 
@@ -70,6 +71,7 @@ def save_converted(model: ConvertedModel, out: str, *, overwrite: bool = False) 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=os.path.basename(out) + ".incomplete-", dir=parent)
+    checkpointer = ocp.StandardCheckpointer()
     try:
         index = {"_class_name": FORMAT_NAME, "components": model.components, **model.pipeline_config}
         _write_json(os.path.join(staging, "model_index.json"), index)
@@ -79,7 +81,6 @@ def save_converted(model: ConvertedModel, out: str, *, overwrite: bool = False) 
         model.qformer_tokenizer.save_pretrained(os.path.join(staging, "qformer_tokenizer"))
         if model.subject_embeddings is not None:
             np.save(os.path.join(staging, "subject_embeddings.npy"), np.asarray(model.subject_embeddings))
-        checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(staging, PARAMS_DIR), model.params)
         checkpointer.wait_until_finished()
         if os.path.exists(out):
@@ -90,8 +91,14 @@ def save_converted(model: ConvertedModel, out: str, *, overwrite: bool = False) 
         else:
             os.rename(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        checkpointer.close()
+        for _ in range(10):  # orbax may still be writing metadata from a background thread
+            shutil.rmtree(staging, ignore_errors=True)
+            if not os.path.exists(staging):
+                break
+            time.sleep(0.2)
         raise
+    checkpointer.close()
     return out
 
 

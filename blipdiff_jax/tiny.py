@@ -40,7 +40,7 @@ def write_clip_tokenizer(path: str) -> str:
     return path
 
 
-BERT_WORDS = ("dog", "cat", "flower", "teapot", "kettle", "skirt", "dress", "sofa", "a", "the")
+BERT_WORDS = ("dog", "cat", "flower", "teapot", "kettle", "skirt", "dress", "sofa", "the")
 
 
 def bert_vocab() -> list[str]:

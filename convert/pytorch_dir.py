@@ -53,20 +53,25 @@ def load_qformer_tokenizer(src: str, config: dict, qformer_tokenizer: str | None
         if path and path == qformer_tokenizer:
             raise FileNotFoundError(f"qformer_tokenizer: {path} holds no BERT vocab.txt")
     else:
-        try:
-            tokenizer = BertTokenizer.from_pretrained(named, truncation_side="right", local_files_only=True)
-        except OSError:
-            try:
-                tokenizer = BertTokenizer.from_pretrained(named, truncation_side="right")
-            except OSError as err:
-                raise FileNotFoundError(
-                    f"The Q-Former's BERT tokenizer {named!r} (named in qformer/config.json) is not in {src} and "
-                    f"could not be downloaded; pass a local copy with --qformer-tokenizer PATH "
-                    f"(Python: qformer_tokenizer=PATH)."
-                ) from err
+        tokenizer = _hub_bert(named, local_files_only=True) or _hub_bert(named)
+        if tokenizer is None:
+            raise FileNotFoundError(
+                f"The Q-Former's BERT tokenizer {named!r} (named in qformer/config.json) is not in {src} and "
+                f"could not be downloaded; pass a local copy with --qformer-tokenizer PATH "
+                f"(Python: qformer_tokenizer=PATH)."
+            )
     if "[DEC]" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # as diffusers' Blip2QFormerModel does
     return tokenizer
+
+
+def _hub_bert(name: str, **kwargs):
+    from transformers import BertTokenizer
+
+    try:
+        return BertTokenizer.from_pretrained(name, truncation_side="right", **kwargs)
+    except (OSError, TypeError, ValueError):  # transformers raises TypeError when no vocab file was found
+        return None
 
 
 def read_pytorch_directory(

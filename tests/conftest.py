@@ -45,20 +45,34 @@ def tokenizer_dirs(tmp_path_factory):
     return {"clip": tiny.write_clip_tokenizer(str(root / "clip")), "bert": tiny.write_bert_tokenizer(str(root / "bert"))}
 
 
+def torch_qformer(qformer_config: dict, bert_dir: str, seed: int = 0):
+    """diffusers' PyTorch `Blip2QFormerModel` from a config dict, every weight random."""
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
+    from transformers import Blip2Config
+
+    config = Blip2Config(**qformer_config)
+    config.tokenizer = bert_dir
+    return randomize_(Blip2QFormerModel(config), seed, std=0.3 if qformer_config["qformer_config"]["hidden_size"] < 100 else 0.02).eval()
+
+
+def torch_text_encoder(text_config: dict, seed: int = 1):
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
+    from transformers import CLIPTextConfig
+
+    std = 0.3 if text_config["hidden_size"] < 100 else 0.02
+    return randomize_(ContextCLIPTextModel(CLIPTextConfig(**text_config)), seed, std=std).eval()
+
+
 def build_torch_pipeline(tokenizer_dirs, num_query_tokens=4, cross_attention_frequency=1, seed=0):
     """A tiny diffusers `BlipDiffusionPipeline` with random weights."""
     import torch
     from diffusers import AutoencoderKL, BlipDiffusionPipeline, PNDMScheduler, UNet2DConditionModel
     from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
-    from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
-    from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
-    from transformers import Blip2Config, CLIPTextConfig, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    qconfig = Blip2Config(**tiny.qformer_config(num_query_tokens, cross_attention_frequency))
-    qconfig.tokenizer = tokenizer_dirs["bert"]
     torch.manual_seed(seed)
-    qformer = randomize_(Blip2QFormerModel(qconfig), seed).eval()
-    text_encoder = randomize_(ContextCLIPTextModel(CLIPTextConfig(**tiny.text_encoder_config())), seed + 1).eval()
+    qformer = torch_qformer(tiny.qformer_config(num_query_tokens, cross_attention_frequency), tokenizer_dirs["bert"], seed)
+    text_encoder = torch_text_encoder(tiny.text_encoder_config(), seed + 1)
     unet = UNet2DConditionModel(**tiny.unet_config()).eval()
     vae = AutoencoderKL(**tiny.vae_config()).eval()
     scheduler = PNDMScheduler(**{k: v for k, v in tiny.scheduler_config().items() if not k.startswith("_")})
@@ -91,7 +105,24 @@ def torch_pipeline_dir(torch_pipeline, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def flax_pipeline(torch_pipeline_dir):
+def converted_model(torch_pipeline_dir):
+    from convert.pytorch_dir import read_pytorch_directory
+
+    return read_pytorch_directory(torch_pipeline_dir)
+
+
+@pytest.fixture(scope="session")
+def flax_pipeline(converted_model):
     from blipdiff_jax import FlaxBlipDiffusionPipeline
 
-    return FlaxBlipDiffusionPipeline.from_pretrained(torch_pipeline_dir, from_pt=True)
+    return FlaxBlipDiffusionPipeline.from_converted(converted_model)
+
+
+
+def converted(name: str, torch_module):
+    """Strictly converted Flax params for one PyTorch module, with its config as a dict."""
+    from convert.pytorch_dir import convert_component
+
+    state = {k: v.detach().numpy() for k, v in torch_module.state_dict().items()}
+    config = torch_module.config.to_dict()
+    return convert_component(name, state, config), config

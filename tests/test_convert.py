@@ -1,0 +1,164 @@
+"""Conversion: strict mapping, the converted directory format, the `python -m convert` CLI."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import torch_qformer
+from flax.traverse_util import flatten_dict
+from safetensors.numpy import load_file, save_file
+
+from blipdiff_jax import tiny
+from blipdiff_jax.checkpoint import load_converted, save_converted
+from convert.mapping import ConversionError
+from convert.pytorch_dir import convert_component, read_pytorch_directory
+from convert.state_dict import read_folder_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def qformer_state(tokenizer_dirs):
+    pt = torch_qformer(tiny.qformer_config(), tokenizer_dirs["bert"], seed=11)
+    return {k: v.numpy() for k, v in pt.state_dict().items()}, pt.config.to_dict()
+
+
+def test_every_tensor_is_used_and_every_param_filled(qformer_state):
+    state, config = qformer_state
+    params = flatten_dict(convert_component("qformer", state, config))
+    assert len(params) == len(state) - 1  # all but the position_ids buffer
+    np.testing.assert_array_equal(params[("query_tokens",)], state["query_tokens"])
+    np.testing.assert_array_equal(
+        params[("encoder", "layer", "1", "crossattention", "attention", "key", "kernel")],
+        state["encoder.layer.1.crossattention.attention.key.weight"].T,
+    )
+
+
+def test_missing_tensor_is_named(qformer_state):
+    state, config = qformer_state
+    broken = {k: v for k, v in state.items() if k != "encoder.layer.0.output_query.dense.bias"}
+    with pytest.raises(ConversionError, match=r"missing.*encoder\.layer\.0\.output_query\.dense\.bias"):
+        convert_component("qformer", broken, config)
+
+
+def test_extra_tensor_is_named(qformer_state):
+    state, config = qformer_state
+    with pytest.raises(ConversionError, match=r"unexpected.*encoder\.layer\.0\.surprise\.weight"):
+        convert_component("qformer", {**state, "encoder.layer.0.surprise.weight": np.zeros((2, 2), np.float32)}, config)
+
+
+def test_wrong_shape_is_named(qformer_state):
+    state, config = qformer_state
+    broken = dict(state, **{"proj_layer.dense2.weight": np.zeros((32, 7), np.float32)})
+    with pytest.raises(ConversionError, match=r"wrong shapes.*proj_layer\.dense2\.weight: checkpoint \(32, 7\)"):
+        convert_component("qformer", broken, config)
+
+
+def test_unknown_buffer_is_not_skipped(qformer_state):
+    state, config = qformer_state
+    with pytest.raises(ConversionError, match=r"visual_encoder\.position_ids"):
+        convert_component("qformer", {**state, "visual_encoder.position_ids": np.arange(3)}, config)
+
+
+def test_unet_checkpoint_missing_a_tensor_fails(torch_pipeline_dir, tmp_path):
+    copy = tmp_path / "pt"
+    shutil.copytree(torch_pipeline_dir, copy)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    del state["up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
+    save_file(state, str(weights))
+    with pytest.raises(ConversionError, match=r"unet: missing.*up_blocks_1\.attentions_0\.transformer_blocks_0\.attn2\.to_k\.kernel"):
+        read_pytorch_directory(str(copy))
+
+
+def test_bin_weights_load_with_weights_only(tmp_path, qformer_state):
+    state, config = qformer_state
+    folder = tmp_path / "qformer"
+    folder.mkdir()
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, folder / "pytorch_model.bin")
+    loaded, source = read_folder_weights(str(folder))
+    assert source.endswith("pytorch_model.bin")
+    convert_component("qformer", loaded, config)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this pickle runs code",))
+
+
+def test_pickle_that_needs_code_is_refused(tmp_path):
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    torch.save({"weight": _Payload()}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match="refused"):
+        read_folder_weights(str(folder))
+
+
+def test_converted_directory_round_trips(converted_model, tmp_path):
+    out = save_converted(converted_model, str(tmp_path / "flax"))
+    back = load_converted(out)
+    original = flatten_dict(converted_model.params)
+    restored = flatten_dict(back.params)
+    assert original.keys() == restored.keys()
+    for key, value in original.items():
+        np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value), err_msg=str(key))
+        assert restored[key].dtype == value.dtype
+    assert back.configs == converted_model.configs
+    assert back.pipeline_config == converted_model.pipeline_config
+    text = "a dog swimming"
+    assert back.tokenizer(text).input_ids == converted_model.tokenizer(text).input_ids
+    assert back.qformer_tokenizer(["teapot"]).input_ids == converted_model.qformer_tokenizer(["teapot"]).input_ids
+    assert not [p for p in os.listdir(tmp_path) if "incomplete" in p]
+    with pytest.raises(FileExistsError):
+        save_converted(converted_model, out)  # never overwrites what a user saved
+
+
+def test_failed_save_leaves_nothing_half_written(converted_model, tmp_path):
+    bad = dict(converted_model.params, unet={"kernel": object()})  # orbax cannot write this
+    model = type(converted_model)(**{**converted_model.__dict__, "params": bad})
+    with pytest.raises(ValueError):
+        save_converted(model, str(tmp_path / "flax"))
+    assert not os.path.exists(tmp_path / "flax")
+    assert os.listdir(tmp_path) == []
+
+
+def test_qformer_tokenizer_absent_offline_says_how_to_fix(torch_pipeline_dir, tmp_path):
+    copy = tmp_path / "pt"
+    shutil.copytree(torch_pipeline_dir, copy)
+    config_file = copy / "qformer" / "config.json"
+    config_file.write_text(config_file.read_text().replace(str(tiny.os.path.dirname(tiny.__file__)), "x"))
+    import json
+
+    config = json.loads(config_file.read_text())
+    config["tokenizer"] = "no-such-org/no-such-bert"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="--qformer-tokenizer PATH"):
+        read_pytorch_directory(str(copy))
+
+
+def test_cli_converts_and_loads_without_torch(torch_pipeline_dir, tmp_path):
+    out = tmp_path / "flax"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-m", "convert", torch_pipeline_dir, str(out)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    for name in ("qformer", "text_encoder", "unet", "vae"):
+        assert f"{name}: " in result.stdout
+    # The converted directory loads in a process where importing torch fails.
+    check = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from blipdiff_jax import FlaxBlipDiffusionPipeline\n"
+        f"p, params = FlaxBlipDiffusionPipeline.from_pretrained({str(out)!r})\n"
+        "print(sorted(params))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "'unet'" in loaded.stdout
+    again = subprocess.run([sys.executable, "-m", "convert", torch_pipeline_dir, str(out)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    missing = subprocess.run([sys.executable, "-m", "convert", str(tmp_path / "nope"), str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
