@@ -19,8 +19,15 @@ def silence_flax_deprecation() -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    targets = []
     for library in (diffusers_logging, transformers_logging):
         root = library.get_logger()  # also installs the library's default handler
-        for target in [root, *root.handlers]:
-            if not any(isinstance(f, _DropFlaxDeprecation) for f in target.filters):
-                target.addFilter(_DropFlaxDeprecation())
+        targets += [root, *root.handlers]
+    # Module loggers too: a logger's own filter also holds for records that propagate elsewhere (pytest, the
+    # user's root handler). Call again after importing more Flax modules.
+    for name, log in list(logging.root.manager.loggerDict.items()):
+        if name.startswith(("diffusers.", "transformers.")) and isinstance(log, logging.Logger):
+            targets.append(log)
+    for target in targets:
+        if not any(isinstance(f, _DropFlaxDeprecation) for f in target.filters):
+            target.addFilter(_DropFlaxDeprecation())

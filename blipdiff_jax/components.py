@@ -20,6 +20,8 @@ from diffusers import FlaxAutoencoderKL, FlaxControlNetModel, FlaxUNet2DConditio
 
 from .models import FlaxBlip2QFormerModel, FlaxContextCLIPTextModel  # noqa: E402
 
+silence_flax_deprecation()  # again, for the module loggers those imports created
+
 MODEL_COMPONENTS = ("qformer", "text_encoder", "unet", "vae", "controlnet")
 # The naming style of each component's Flax tree: transformers-like `layers/0` or diffusers' `down_blocks_0`.
 NAMING_STYLE = {"qformer": "transformers", "text_encoder": "transformers", "unet": "diffusers",

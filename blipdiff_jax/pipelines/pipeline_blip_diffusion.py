@@ -63,7 +63,23 @@ def scheduler_from_config(config: dict):
     cls = getattr(diffusers, name if name.startswith("Flax") else "Flax" + name, None)
     if cls is None:
         raise ValueError(f"scheduler: no Flax scheduler for {name!r}")
+    silence_flax_deprecation()
     return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+# diffusers' Flax LMS step integrates its coefficients with scipy and grows its state every step: it
+# cannot run inside a compiled loop.
+UNSUPPORTED_SCHEDULERS = {"FlaxLMSDiscreteScheduler": "its step calls scipy.integrate and grows its state, so it cannot be traced"}
+
+
+def check_scheduler(scheduler):
+    reason = UNSUPPORTED_SCHEDULERS.get(type(scheduler).__name__)
+    if type(scheduler).__name__ == "FlaxDDPMScheduler" and scheduler.config.variance_type in ("fixed_small", "fixed_small_log"):
+        reason = (f"with variance_type={scheduler.config.variance_type!r} diffusers 0.39's Flax DDPM step calls "
+                  "jnp.clip(a_min=...), which jax 0.10 removed; use variance_type='fixed_large'")
+    if reason:
+        raise ValueError(f"scheduler: {type(scheduler).__name__} is not supported ({reason}); use PNDM, DDIM, "
+                         "DPM-Solver multistep, Euler or DDPM")
 
 
 class FlaxBlipDiffusionPipeline:
@@ -81,6 +97,7 @@ class FlaxBlipDiffusionPipeline:
         self.unet = components.build_model("unet", model.configs["unet"], dtype)
         self.vae = components.build_model("vae", model.configs["vae"], dtype)
         self.scheduler = scheduler if scheduler is not None else scheduler_from_config(model.configs["scheduler"])
+        check_scheduler(self.scheduler)
         qcfg = self.qformer.config
         self.num_query_tokens = qcfg.num_query_tokens
         self.reference_size = self._reference_size(model.configs.get("image_processor", {}), qcfg.vision_config.image_size)
