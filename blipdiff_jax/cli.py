@@ -81,9 +81,9 @@ def _run(args) -> str:
         params=params,
         prng_seed=jax.random.PRNGKey(args.seed),
         guidance_scale=args.guidance,
-        height=args.height or defaults["height"],
-        width=args.width or defaults["width"],
-        num_inference_steps=args.steps or defaults["steps"],
+        height=defaults["height"] if args.height is None else args.height,
+        width=defaults["width"] if args.width is None else args.width,
+        num_inference_steps=defaults["steps"] if args.steps is None else args.steps,
         neg_prompt=args.negative_prompt,
     )
     done = time.perf_counter()

@@ -13,6 +13,8 @@ def main(argv=None) -> int:
     parser.add_argument("out", help="new directory for the converted Flax model (must not exist)")
     parser.add_argument("--qformer-tokenizer", metavar="PATH", help="local BERT tokenizer folder for the Q-Former")
     parser.add_argument("--controlnet", metavar="PATH", help="an SD 1.5 ControlNet directory to add")
+    parser.add_argument("--lavis", metavar="CKPT", help="take the weights from this LAVIS BLIP-Diffusion checkpoint "
+                        "(a state-dict file or LAVIS's released folder); SRC then supplies configs and tokenizers")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
     args = parser.parse_args(argv)
 
@@ -22,7 +24,7 @@ def main(argv=None) -> int:
 
     try:
         model = read_pytorch_directory(
-            args.src, qformer_tokenizer=args.qformer_tokenizer, controlnet=args.controlnet, log=print
+            args.src, qformer_tokenizer=args.qformer_tokenizer, controlnet=args.controlnet, lavis_weights=args.lavis, log=print
         )
         out = save_converted(model, args.out, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:

@@ -74,14 +74,48 @@ def _hub_bert(name: str, **kwargs):
         return None
 
 
+# The files of LAVIS's released BLIP-Diffusion folder, and the module prefix each one's keys take.
+LAVIS_FILES = (
+    ("blip_model/blip_weight.pt", "blip."),
+    ("proj_layer/proj_weight.pt", "proj_layer."),
+    ("text_encoder/pytorch_model.bin", "text_encoder."),
+    ("unet/diffusion_pytorch_model.bin", "unet."),
+    ("vae/diffusion_pytorch_model.bin", "vae."),
+)
+
+
+def read_lavis_weights(path: str) -> dict[str, dict]:
+    """A LAVIS BLIP-Diffusion checkpoint (one state-dict file, or LAVIS's released folder) as diffusers-named
+    state dicts per component."""
+    from .lavis import lavis_to_diffusers
+    from .state_dict import read_weights_file
+
+    if os.path.isfile(path):
+        state = read_weights_file(path)
+    elif os.path.isdir(path):
+        state = {}
+        for relative, prefix in LAVIS_FILES:
+            file = os.path.join(path, relative)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"lavis: {path} lacks {relative}")
+            state.update({prefix + k: v for k, v in read_weights_file(file).items()})
+    else:
+        raise FileNotFoundError(f"lavis: no checkpoint at {path}")
+    return lavis_to_diffusers(state)
+
+
 def read_pytorch_directory(
     src: str,
     *,
     qformer_tokenizer: str | None = None,
     controlnet: str | None = None,
+    lavis_weights: str | None = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> ConvertedModel:
-    """Convert every component of `src` (and an optional separate ControlNet directory) to Flax params."""
+    """Convert every component of `src` (and an optional separate ControlNet directory) to Flax params.
+
+    With `lavis_weights`, the weights come from that LAVIS checkpoint instead, and `src` supplies the
+    configs, scheduler and tokenizers (e.g. the Hub's `Salesforce/blipdiffusion` layout)."""
     from transformers import CLIPTokenizer
 
     src = os.path.abspath(src)
@@ -103,13 +137,19 @@ def read_pytorch_directory(
     elif os.path.isdir(os.path.join(src, "controlnet")):
         folders["controlnet"] = os.path.join(src, "controlnet")
 
+    lavis = read_lavis_weights(lavis_weights) if lavis_weights else None
+    if lavis is not None and "controlnet" in lavis:
+        folders.setdefault("controlnet", os.path.join(src, "controlnet"))
     configs, params = {}, {}
     for name, folder in folders.items():
         config_file = os.path.join(folder, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{name}: no config.json in {folder}")
         configs[name] = _read_json(config_file)
-        state, weights_file = read_folder_weights(folder)
+        if lavis is not None and name in lavis:
+            state, weights_file = lavis[name], f"{lavis_weights} ({name})"
+        else:
+            state, weights_file = read_folder_weights(folder)
         params[name] = convert_component(name, state, configs[name], source=weights_file)
         log(f"{name}: {len(state)} tensors from {os.path.relpath(weights_file, src) if weights_file.startswith(src) else weights_file}")
     configs["scheduler"] = _read_json(os.path.join(src, "scheduler", "scheduler_config.json"))

@@ -212,3 +212,22 @@ def test_bad_embedding_rank_is_named(models):
     lavis["blip.visual_encoder.class_embedding"] = lavis["blip.visual_encoder.class_embedding"][None, None]
     with pytest.raises(ValueError, match=re.escape("blip.visual_encoder.class_embedding")):
         lavis_to_diffusers(lavis)
+
+
+def test_lavis_checkpoint_converts_like_the_diffusers_directory(torch_pipeline, torch_pipeline_dir, converted_model, tmp_path):
+    """End to end: a LAVIS-named checkpoint of the tiny pipeline gives the same Flax params as its diffusers directory."""
+    from flax.traverse_util import flatten_dict
+    from safetensors.numpy import save_file
+
+    from convert.pytorch_dir import read_pytorch_directory
+
+    sds = {name: {k: v.detach().numpy().copy() for k, v in getattr(torch_pipeline, name).state_dict().items()
+                  if k not in BUFFERS.get(name, ())}
+           for name in ("qformer", "text_encoder", "unet", "vae")}
+    path = str(tmp_path / "lavis.safetensors")
+    save_file(_lavis(sds), path)
+    model = read_pytorch_directory(torch_pipeline_dir, lavis_weights=path)
+    got, want = flatten_dict(model.params), flatten_dict(converted_model.params)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=str(key))

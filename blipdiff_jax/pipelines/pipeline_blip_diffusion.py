@@ -349,7 +349,8 @@ class FlaxBlipDiffusionPipeline:
         inputs = (prompt_ids, uncond_ids, subject_embeddings, latents)
 
         if jit:
-            sharded = [x.reshape((devices, batch // devices) + x.shape[1:]) for x in map(jnp.asarray, inputs)]
+            # Host arrays: pmap splits them over the devices itself.
+            sharded = [x.reshape((devices, batch // devices) + x.shape[1:]) for x in map(np.asarray, inputs)]
             images = self._generate_pmap(params, *sharded, guidance, rng, int(num_inference_steps), do_cfg)
             images = images.reshape((batch,) + images.shape[2:])
         else:

@@ -1,0 +1,48 @@
+"""The `blipdiff-jax` CLI: the README's demo command and `generate` on a model directory."""
+
+import numpy as np
+import pytest
+from conftest import make_image, shared_image
+from PIL import Image
+
+from blipdiff_jax.checkpoint import save_converted
+from blipdiff_jax.cli import main
+
+
+def test_demo_writes_a_png_offline(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
+    image = Image.open(out)
+    assert image.size == (64, 64) and image.mode == "RGB"
+    assert "RANDOM weights" in capsys.readouterr().out
+
+
+def test_generate_from_a_converted_directory(converted_model, tmp_path):
+    model_dir = save_converted(converted_model, str(tmp_path / "model"))
+    reference = tmp_path / "ref.png"
+    make_image(20, (48, 40)).save(reference)
+    out = tmp_path / "sub" / "out.png"
+    code = main(["generate", "--model", model_dir, "--image", str(reference), "--subject", "dog", "--prompt",
+                 "swimming underwater", "--out", str(out), "--steps", "2", "--height", "16", "--width", "24", "--seed", "3"])
+    assert code == 0
+    assert Image.open(out).size == (24, 16)
+    assert np.asarray(Image.open(out)).std() > 0
+
+
+def test_generate_from_a_pytorch_directory_with_a_real_photo(torch_pipeline_dir, tmp_path):
+    out = tmp_path / "out.png"
+    code = main(["generate", "--model", torch_pipeline_dir, "--image", shared_image("dog.png"), "--subject", "dog",
+                 "--out", str(out), "--steps", "2", "--height", "16", "--width", "16"])
+    assert code == 0 and out.exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--height", "30"], "height"),
+    (["--steps", "0"], "num_inference_steps"),
+    (["--image", "/no/such.png"], "reference_image"),
+])
+def test_bad_arguments_exit_2_with_one_line(converted_model, tmp_path, capsys, extra, message):
+    args = ["demo", "--out", str(tmp_path / "x.png")] + extra
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
