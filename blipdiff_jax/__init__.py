@@ -9,11 +9,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # Lazy, so `import blipdiff_jax` stays cheap and the CLI starts fast.
-    if name in ("FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput"):
+    if name in ("FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput", "FlaxBlipDiffusionControlNetPipeline"):
         from . import pipelines
 
         return getattr(pipelines, name)
     raise AttributeError(name)
 
 
-__all__ = ["FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput", "__version__"]
+__all__ = ["FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput", "FlaxBlipDiffusionControlNetPipeline", "__version__"]

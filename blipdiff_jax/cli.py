@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--subject", required=True, help="category word of the subject in --image, e.g. dog")
     gen.add_argument("--target-subject", default=None, help="category to render (default: --subject)")
     gen.add_argument("--qformer-tokenizer", default=None, help="local BERT tokenizer folder (PyTorch directories only)")
+    gen.add_argument("--control-image", default=None, metavar="FILE",
+                     help="ControlNet conditioning image (structure); the model needs a controlnet (see --controlnet)")
+    gen.add_argument("--canny", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                     help="turn --control-image into a canny edge map with these thresholds first (e.g. 30 70)")
+    gen.add_argument("--controlnet", default=None, metavar="PATH", help="SD 1.5 ControlNet directory to add to --model")
+    gen.add_argument("--controlnet-scale", type=float, default=1.0, help="controlnet_conditioning_scale (default: %(default)s)")
 
     demo = sub.add_parser("demo", parents=[common], help="offline check of the install with the embedded tiny RANDOM-weight model",
                           description="Generate with the embedded tiny model. Its weights are random: the PNG is noise, "
@@ -51,9 +57,10 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args) -> str:
     import jax
 
-    from .pipelines import FlaxBlipDiffusionPipeline
+    from .pipelines import FlaxBlipDiffusionControlNetPipeline, FlaxBlipDiffusionPipeline
 
     started = time.perf_counter()
+    call_extra = {}
     if args.command == "demo":
         from . import tiny
 
@@ -69,15 +76,27 @@ def _run(args) -> str:
             raise FileNotFoundError(f"--model: no directory {args.model!r}")
         from_pt = not is_converted_directory(args.model)
         kwargs = {"qformer_tokenizer": args.qformer_tokenizer} if from_pt else {}
-        pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(args.model, from_pt=from_pt, **kwargs)
+        if args.canny is not None and args.control_image is None:
+            raise ValueError("--canny: needs --control-image")
+        if args.control_image is not None:
+            from .image_processing import canny
+
+            control = args.control_image if args.canny is None else canny(args.control_image, *args.canny)
+            pipeline, params = FlaxBlipDiffusionControlNetPipeline.from_pretrained(
+                args.model, from_pt=from_pt, controlnet=args.controlnet, **kwargs)
+            call_extra = {"conditioning_image": control, "controlnet_conditioning_scale": args.controlnet_scale}
+        else:
+            if args.controlnet is not None:
+                raise ValueError("--controlnet: needs --control-image")
+            pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(args.model, from_pt=from_pt, **kwargs)
         image = args.image
         defaults = {"height": 512, "width": 512, "steps": 50}
     loaded = time.perf_counter()
     out = pipeline(
-        args.prompt,
-        image,
-        args.subject,
-        args.target_subject or args.subject,
+        prompt=args.prompt,
+        reference_image=image,
+        source_subject_category=args.subject,
+        target_subject_category=args.target_subject or args.subject,
         params=params,
         prng_seed=jax.random.PRNGKey(args.seed),
         guidance_scale=args.guidance,
@@ -85,6 +104,7 @@ def _run(args) -> str:
         width=defaults["width"] if args.width is None else args.width,
         num_inference_steps=defaults["steps"] if args.steps is None else args.steps,
         neg_prompt=args.negative_prompt,
+        **call_extra,
     )
     done = time.perf_counter()
     directory = os.path.dirname(os.path.abspath(args.out))

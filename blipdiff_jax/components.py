@@ -41,6 +41,8 @@ _PYTORCH_ONLY_KEYS = {
     "timestep_post_act": None, "upcast_attention": False, "force_upcast": True, "latents_mean": None,
     "latents_std": None, "mid_block_add_attention": True, "shift_factor": None, "use_post_quant_conv": True,
     "use_quant_conv": True, "global_pool_conditions": False, "addition_embed_type_num_heads": 64,
+    "conditioning_channels": 3, "mid_block_type": "UNetMidBlock2DCrossAttn", "transformer_layers_per_block": 1,
+    "addition_embed_type": None, "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None,
 }
 # Settings that only change numerical precision or the PyTorch runtime, accepted whatever their value.
 _HARMLESS_KEYS = {"upcast_attention", "force_upcast"}
@@ -93,6 +95,13 @@ def init_params(name: str, module, rng=None):
         return module.init(rng, ids, jnp.ones((1, 1), jnp.int32), pixels)["params"]
     if name == "text_encoder":
         return module.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    if name == "controlnet":
+        # diffusers' init_weights assumes an 8x conditioning embedding; size the image from the config instead.
+        factor = 2 ** (len(module.conditioning_embedding_out_channels) - 1)
+        sample = jnp.zeros((1, module.in_channels, 8, 8))
+        cond = jnp.zeros((1, 3, 8 * factor, 8 * factor))
+        context = jnp.zeros((1, 1, module.cross_attention_dim))
+        return module.init(rng, sample, jnp.ones((1,), jnp.int32), context, cond)["params"]
     return module.init_weights(rng)
 
 

@@ -65,3 +65,51 @@ def preprocess_reference(images, size: dict, mean, std, argname: str = "referenc
 def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
     """(N, H, W, 3) floats in [0, 1] -> PIL images (rounded as diffusers' `numpy_to_pil`)."""
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in np.asarray(images)]
+
+
+def preprocess_conditioning(images, height: int, width: int, argname: str = "conditioning_image") -> np.ndarray:
+    """ControlNet maps -> (N, 3, height, width) in [0, 1]: bicubic resize, no crop, no normalisation
+    (as diffusers' BlipDiffusionControlNetPipeline.prepare_control_image)."""
+    batch = []
+    for image in images:
+        image = load_image(image, argname).resize((width, height), Image.BICUBIC)
+        batch.append((np.asarray(image, dtype=np.float32) / 255.0).transpose(2, 0, 1))
+    return np.stack(batch).astype(np.float32)
+
+
+def canny(image, low_threshold: int = 100, high_threshold: int = 200) -> Image.Image:
+    """Canny edge map as an RGB image (edges 255), like `controlnet_aux.CannyDetector()(img, low, high)`.
+
+    Gaussian blur, Sobel gradients, non-maximum suppression, double threshold and hysteresis, in numpy.
+    Thresholds are on the gradient magnitude of the 0..255 grey image, as OpenCV's L1 Sobel magnitude.
+    """
+    from scipy import ndimage
+
+    if not 0 <= low_threshold <= high_threshold:
+        raise ValueError(f"canny thresholds must satisfy 0 <= low <= high, got {low_threshold}, {high_threshold}")
+    grey = np.asarray(load_image(image, "image").convert("L"), dtype=np.float64)
+    grey = ndimage.gaussian_filter(grey, sigma=1.0)
+    gx = ndimage.sobel(grey, axis=1)
+    gy = ndimage.sobel(grey, axis=0)
+    magnitude = np.abs(gx) + np.abs(gy)
+    # Non-maximum suppression along the gradient direction, quantised to 4 directions.
+    angle = (np.rad2deg(np.arctan2(gy, gx)) + 180.0) % 180.0
+    direction = ((angle + 22.5) // 45).astype(int) % 4  # 0: horizontal, 1: 45deg, 2: vertical, 3: 135deg
+    offsets = {0: (0, 1), 1: (1, 1), 2: (1, 0), 3: (1, -1)}
+    padded = np.pad(magnitude, 1)
+    h, w = magnitude.shape
+    keep = np.zeros_like(magnitude, dtype=bool)
+    for d, (dy, dx) in offsets.items():
+        ahead = padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+        behind = padded[1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
+        keep |= (direction == d) & (magnitude >= ahead) & (magnitude >= behind)
+    thin = np.where(keep, magnitude, 0.0)
+    strong = thin > high_threshold
+    weak = thin > low_threshold
+    # Hysteresis: keep weak edges connected (8-neighbourhood) to a strong one.
+    labels, count = ndimage.label(weak, structure=np.ones((3, 3)))
+    connected = np.zeros(count + 1, dtype=bool)
+    connected[np.unique(labels[strong])] = True
+    connected[0] = False
+    edges = connected[labels]
+    return Image.fromarray(np.repeat((edges * 255).astype(np.uint8)[..., None], 3, axis=-1))

@@ -11,7 +11,7 @@ import json
 import os
 from typing import Callable
 
-from flax.traverse_util import unflatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from blipdiff_jax import components
 from blipdiff_jax.checkpoint import ConvertedModel
@@ -63,6 +63,28 @@ def load_qformer_tokenizer(src: str, config: dict, qformer_tokenizer: str | None
     if "[DEC]" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # as diffusers' Blip2QFormerModel does
     return tokenizer
+
+
+def _controlnet_folder(path: str) -> str:
+    return path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "controlnet")
+
+
+def read_component(name: str, folder: str, state_dict: dict | None = None, source: str = "") -> tuple[dict, dict, str]:
+    """(config, Flax params, weights source) of one component folder; `state_dict` replaces its weights files."""
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{name}: no config.json in {folder}")
+    config = _read_json(config_file)
+    if state_dict is None:
+        state_dict, source = read_folder_weights(folder)
+    return config, convert_component(name, state_dict, config, source=source), source
+
+
+def read_controlnet(path: str) -> tuple[dict, dict]:
+    """(config, Flax params) of an SD 1.5 ControlNet directory (diffusers' PyTorch layout, or a pipeline
+    directory with a controlnet/ folder)."""
+    config, params, _ = read_component("controlnet", _controlnet_folder(path))
+    return config, params
 
 
 def _hub_bert(name: str, **kwargs):
@@ -133,7 +155,9 @@ def read_pytorch_directory(
     }
     folders = {name: os.path.join(src, name) for name in ("qformer", "text_encoder", "unet", "vae")}
     if controlnet is not None:
-        folders["controlnet"] = controlnet if os.path.isfile(os.path.join(controlnet, "config.json")) else os.path.join(controlnet, "controlnet")
+        if not os.path.isdir(controlnet):
+            raise FileNotFoundError(f"controlnet: no directory {controlnet}")
+        folders["controlnet"] = _controlnet_folder(controlnet)
     elif os.path.isdir(os.path.join(src, "controlnet")):
         folders["controlnet"] = os.path.join(src, "controlnet")
 
@@ -142,16 +166,10 @@ def read_pytorch_directory(
         folders.setdefault("controlnet", os.path.join(src, "controlnet"))
     configs, params = {}, {}
     for name, folder in folders.items():
-        config_file = os.path.join(folder, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{name}: no config.json in {folder}")
-        configs[name] = _read_json(config_file)
-        if lavis is not None and name in lavis:
-            state, weights_file = lavis[name], f"{lavis_weights} ({name})"
-        else:
-            state, weights_file = read_folder_weights(folder)
-        params[name] = convert_component(name, state, configs[name], source=weights_file)
-        log(f"{name}: {len(state)} tensors from {os.path.relpath(weights_file, src) if weights_file.startswith(src) else weights_file}")
+        state = lavis.get(name) if lavis is not None else None
+        configs[name], params[name], weights_file = read_component(name, folder, state, f"{lavis_weights} ({name})")
+        tensors = len(flatten_dict(params[name]))
+        log(f"{name}: {tensors} params from {os.path.relpath(weights_file, src) if weights_file.startswith(src) else weights_file}")
     configs["scheduler"] = _read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
     processor_file = os.path.join(src, "image_processor", "preprocessor_config.json")
     configs["image_processor"] = _read_json(processor_file) if os.path.isfile(processor_file) else {}

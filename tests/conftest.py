@@ -126,3 +126,44 @@ def converted(name: str, torch_module):
     state = {k: v.detach().numpy() for k, v in torch_module.state_dict().items()}
     config = torch_module.config.to_dict()
     return convert_component(name, state, config), config
+
+
+def torch_controlnet(unet, seed: int = 2):
+    """A tiny ControlNet made from the UNet; its zero-initialised output convs get random values so the
+    residuals are not trivially zero."""
+    import torch
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 16)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return controlnet
+
+
+@pytest.fixture(scope="session")
+def torch_controlnet_pipeline(torch_pipeline):
+    from diffusers import BlipDiffusionControlNetPipeline
+
+    p = torch_pipeline
+    return BlipDiffusionControlNetPipeline(
+        tokenizer=p.tokenizer, text_encoder=p.text_encoder, vae=p.vae, unet=p.unet, scheduler=p.scheduler,
+        qformer=p.qformer, controlnet=torch_controlnet(p.unet), image_processor=p.image_processor,
+        ctx_begin_pos=2, mean=p.config.mean, std=p.config.std,
+    )
+
+
+@pytest.fixture(scope="session")
+def torch_controlnet_pipeline_dir(torch_controlnet_pipeline, tmp_path_factory):
+    path = tmp_path_factory.mktemp("pt") / "blipdiffusion-controlnet-tiny"
+    torch_controlnet_pipeline.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def flax_controlnet_pipeline(torch_controlnet_pipeline_dir):
+    from blipdiff_jax import FlaxBlipDiffusionControlNetPipeline
+
+    return FlaxBlipDiffusionControlNetPipeline.from_pretrained(torch_controlnet_pipeline_dir, from_pt=True)

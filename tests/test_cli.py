@@ -46,3 +46,23 @@ def test_bad_arguments_exit_2_with_one_line(converted_model, tmp_path, capsys, e
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_generate_with_a_control_image_and_canny(torch_controlnet_pipeline_dir, tmp_path):
+    reference, structure = tmp_path / "ref.png", tmp_path / "structure.png"
+    make_image(21).save(reference)
+    make_image(22, (40, 40)).save(structure)
+    out = tmp_path / "styled.png"
+    code = main(["generate", "--model", torch_controlnet_pipeline_dir, "--image", str(reference), "--subject", "flower",
+                 "--target-subject", "teapot", "--prompt", "on a marble table", "--control-image", str(structure),
+                 "--canny", "30", "70", "--out", str(out), "--steps", "2", "--height", "16", "--width", "16"])
+    assert code == 0 and Image.open(out).size == (16, 16)
+
+
+def test_stylization_example_from_the_cli(torch_controlnet_pipeline_dir, tmp_path):
+    out = tmp_path / "teapot.png"
+    code = main(["generate", "--model", torch_controlnet_pipeline_dir, "--image", shared_image("flower.jpg"),
+                 "--subject", "flower", "--target-subject", "teapot", "--prompt", "on a marble table",
+                 "--control-image", shared_image("kettle.jpg"), "--canny", "30", "70", "--out", str(out),
+                 "--steps", "2", "--height", "32", "--width", "32"])
+    assert code == 0 and out.exists()

@@ -1,3 +1,4 @@
 from .pipeline_blip_diffusion import FlaxBlipDiffusionPipeline, FlaxBlipDiffusionPipelineOutput
+from .pipeline_blip_diffusion_controlnet import FlaxBlipDiffusionControlNetPipeline
 
-__all__ = ["FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput"]
+__all__ = ["FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput", "FlaxBlipDiffusionControlNetPipeline"]

@@ -106,9 +106,10 @@ class FlaxBlipDiffusionPipeline:
         self.latent_factor = 2 ** (len(self.unet.block_out_channels) - 1)
         self.size_multiple = self.latent_factor * 2 ** (len(self.unet.block_out_channels) - 1)
         self._encode_subject = jax.jit(self._encode_subject_fn)
+        # One program per (shapes, steps, guidance on/off); `batch` leaves are split over devices by pmap.
         self._generate_jit = jax.jit(self._generate, static_argnames=("num_inference_steps", "do_cfg"))
         self._generate_pmap = jax.pmap(
-            self._generate, in_axes=(0, 0, 0, 0, 0, None, None, None, None), static_broadcasted_argnums=(7, 8)
+            self._generate, in_axes=(0, 0, None, None, None, None), static_broadcasted_argnums=(4, 5)
         )
 
     # ------------------------------------------------------------------ loading
@@ -219,13 +220,20 @@ class FlaxBlipDiffusionPipeline:
 
     # ------------------------------------------------------------------ the compiled program
 
-    def _generate(self, params, prompt_ids, uncond_ids, subject_embeds, latents, guidance_scale, rng, num_inference_steps, do_cfg):
+    def _generate(self, params, batch, scalars, rng, num_inference_steps, do_cfg):
+        """The whole generation as one traced function.
+
+        batch: per-example arrays (split over devices): prompt_ids, uncond_ids, subject_embeds, latents and,
+        for ControlNet, control_image (B, 3, H, W). scalars: guidance_scale (and control_scale).
+        """
         text_params = {"params": params["text_encoder"]}
+        prompt_ids = batch["prompt_ids"]
         ctx_pos = jnp.full((prompt_ids.shape[0],), self.ctx_begin_pos, jnp.int32)
-        context = self.text_encoder.apply(text_params, prompt_ids, subject_embeds, ctx_pos)[0]
+        context = self.text_encoder.apply(text_params, prompt_ids, batch["subject_embeds"], ctx_pos)[0]
         if do_cfg:
-            uncond = self.text_encoder.apply(text_params, uncond_ids)[0]
+            uncond = self.text_encoder.apply(text_params, batch["uncond_ids"])[0]
             context = jnp.concatenate([uncond, context])
+        latents = batch["latents"]
         state = self.scheduler.set_timesteps(params["scheduler"], num_inference_steps=num_inference_steps, shape=latents.shape)
         latents = latents * state.init_noise_sigma
         latents = denoise(
@@ -235,12 +243,17 @@ class FlaxBlipDiffusionPipeline:
             scheduler_state=state,
             latents=latents,
             context=context,
-            guidance_scale=guidance_scale,
+            guidance_scale=scalars["guidance_scale"],
             num_inference_steps=num_inference_steps,
             do_classifier_free_guidance=do_cfg,
             rng=rng,
+            unet_residuals=self._unet_residuals(params, batch, scalars, context, do_cfg),
         )
         return decode_latents(self.vae, params["vae"], latents)
+
+    def _unet_residuals(self, params, batch, scalars, context, do_cfg):
+        """Extra UNet inputs per step; the zero-shot pipeline has none (ControlNet overrides this)."""
+        return None
 
     # ------------------------------------------------------------------ validation
 
@@ -308,6 +321,14 @@ class FlaxBlipDiffusionPipeline:
         plus `params`, `prng_seed`, `jit` (pmap over all devices, params replicated: diffusers' Flax
         convention), `mesh` (a `jax.sharding.Mesh`: the batch is sharded over its first axis), and
         `subject_embeddings` (from `encode_subject`, instead of a reference image)."""
+        return self._call(**{k: v for k, v in locals().items() if k != "self"})
+
+    def _call(self, prompt, reference_image, source_subject_category, target_subject_category, params, prng_seed,
+              latents, guidance_scale, height, width, num_inference_steps, neg_prompt, prompt_strength, prompt_reps,
+              output_type, jit, subject_embeddings, mesh, prepare_extra=None):
+        """Shared by every entry point: validates, encodes, then runs one compiled program.
+        prepare_extra(batch_size) -> (extra batch arrays, extra scalars): a mode's own inputs, checked before
+        anything compiles."""
         if params is None:
             raise ValueError("params: pass the params returned by from_pretrained")
         prompts = _as_list(prompt, "prompt")
@@ -321,6 +342,7 @@ class FlaxBlipDiffusionPipeline:
         if batch % devices:
             raise ValueError(f"prompt: {batch} prompts cannot be split evenly over {devices} devices")
         base_params = self._unreplicated(params) if jit else params
+        extra_batch, extra_scalars = prepare_extra(batch) if prepare_extra is not None else ({}, {})
 
         if subject_embeddings is None and reference_image is None:
             if self.subject_embeddings is None:
@@ -342,27 +364,34 @@ class FlaxBlipDiffusionPipeline:
 
         self._warn_if_truncated([f"a {t} {p.strip()}" for p, t in zip(prompts, targets)])
         prompt_ids, uncond_ids = self.prepare_inputs(self.build_prompts(prompts, targets, prompt_strength, prompt_reps), neg_prompts)
-        latents = self._latents(latents, prng_seed, batch, height, width)
-        do_cfg = guidance_scale > 1.0
-        guidance = jnp.asarray(guidance_scale, jnp.float32)
+        batch_arrays = {
+            "prompt_ids": prompt_ids,
+            "uncond_ids": uncond_ids,
+            "subject_embeds": subject_embeddings,
+            "latents": self._latents(latents, prng_seed, batch, height, width),
+            **extra_batch,
+        }
+        scalars = {"guidance_scale": jnp.asarray(guidance_scale, jnp.float32), **extra_scalars}
         rng = jax.random.PRNGKey(0) if prng_seed is None else jnp.asarray(prng_seed).reshape(-1, 2)[0]
-        inputs = (prompt_ids, uncond_ids, subject_embeddings, latents)
+        images = self._execute(params, batch_arrays, scalars, rng, int(num_inference_steps), guidance_scale > 1.0, jit, mesh, devices)
+        return FlaxBlipDiffusionPipelineOutput(images=images if output_type == "np" else numpy_to_pil(images))
 
+    def _execute(self, params, batch, scalars, rng, num_inference_steps, do_cfg, jit, mesh, devices):
+        """Run the compiled program on one device, pmapped (`jit=True`) or sharded over a mesh."""
+        size = batch["prompt_ids"].shape[0]
         if jit:
             # Host arrays: pmap splits them over the devices itself.
-            sharded = [x.reshape((devices, batch // devices) + x.shape[1:]) for x in map(np.asarray, inputs)]
-            images = self._generate_pmap(params, *sharded, guidance, rng, int(num_inference_steps), do_cfg)
-            images = images.reshape((batch,) + images.shape[2:])
+            sharded = {k: np.asarray(v).reshape((devices, size // devices) + v.shape[1:]) for k, v in batch.items()}
+            images = self._generate_pmap(params, sharded, scalars, rng, num_inference_steps, do_cfg)
+            images = images.reshape((size,) + images.shape[2:])
         else:
             if mesh is not None:
                 from jax.sharding import NamedSharding, PartitionSpec
 
-                axis = mesh.axis_names[0]
-                inputs = [jax.device_put(x, NamedSharding(mesh, PartitionSpec(axis))) for x in inputs]
+                batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])))
                 params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-            images = self._generate_jit(params, *inputs, guidance, rng, num_inference_steps=int(num_inference_steps), do_cfg=do_cfg)
-        images = np.asarray(jax.device_get(images), dtype=np.float32)
-        return FlaxBlipDiffusionPipelineOutput(images=images if output_type == "np" else numpy_to_pil(images))
+            images = self._generate_jit(params, batch, scalars, rng, num_inference_steps=num_inference_steps, do_cfg=do_cfg)
+        return np.asarray(jax.device_get(images), dtype=np.float32)
 
     def _unreplicated(self, params):
         leaf = params["unet"]["conv_in"]["kernel"]

@@ -1,0 +1,112 @@
+"""ControlNet-guided generation and stylization: `FlaxBlipDiffusionControlNetPipeline`, a drop-in for
+diffusers' `BlipDiffusionControlNetPipeline`. The same compiled program as zero-shot generation: the
+ControlNet only adds UNet residuals through the shared denoising core's hook.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from .. import components
+from ..image_processing import preprocess_conditioning
+from .pipeline_blip_diffusion import FlaxBlipDiffusionPipeline
+
+
+class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
+    def __init__(self, model, *, dtype=jnp.float32, scheduler=None):
+        if "controlnet" not in model.params:
+            raise ValueError("controlnet: this model has no controlnet/ component; pass controlnet=PATH "
+                             "(an SD 1.5 ControlNet directory)")
+        super().__init__(model, dtype=dtype, scheduler=scheduler)
+        self.controlnet = components.build_model("controlnet", model.configs["controlnet"], dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, from_pt: bool = False, dtype=jnp.float32, scheduler=None,
+                        qformer_tokenizer=None, controlnet: str | None = None, **kwargs):
+        """`path` with a `controlnet/` folder (like the Hub's `Salesforce/blipdiffusion-controlnet`), or a base
+        model plus `controlnet=PATH`, any SD 1.5 ControlNet directory in diffusers' PyTorch layout."""
+        if from_pt:
+            return super().from_pretrained(path, from_pt=True, dtype=dtype, scheduler=scheduler,
+                                           qformer_tokenizer=qformer_tokenizer, controlnet=controlnet, **kwargs)
+        from ..checkpoint import load_converted
+
+        if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+            raise FileNotFoundError(f"path: model directory {path!r} does not exist")
+        model = load_converted(os.fspath(path))
+        if controlnet is not None:
+            from convert.pytorch_dir import read_controlnet
+
+            model.configs["controlnet"], model.params["controlnet"] = read_controlnet(controlnet)
+        return cls.from_converted(model, dtype=dtype, scheduler=scheduler)
+
+    @classmethod
+    def from_converted(cls, model, dtype=jnp.float32, scheduler=None):
+        pipeline, params = super().from_converted(model, dtype=dtype, scheduler=scheduler)
+        params["controlnet"] = components.cast_params(model.params["controlnet"], dtype)
+        return pipeline, params
+
+    def _unet_residuals(self, params, batch, scalars, context, do_cfg):
+        control = batch["control_image"].astype(self.dtype)
+        if do_cfg:
+            control = jnp.concatenate([control, control])
+        controlnet_params = {"params": params["controlnet"]}
+
+        def residuals(latent_input, timestep, step):
+            down, mid = self.controlnet.apply(controlnet_params, latent_input, timestep, context, control,
+                                              conditioning_scale=scalars["control_scale"], return_dict=False)
+            return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+        return residuals
+
+    def __call__(
+        self,
+        prompt,
+        reference_image,
+        conditioning_image=None,
+        source_subject_category=None,
+        target_subject_category=None,
+        params=None,
+        prng_seed=None,
+        latents=None,
+        guidance_scale: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 50,
+        neg_prompt: str = "",
+        prompt_strength: float = 1.0,
+        prompt_reps: int = 20,
+        output_type: str = "pil",
+        jit: bool = False,
+        subject_embeddings=None,
+        mesh=None,
+        controlnet_conditioning_scale: float = 1.0,
+        condtioning_image=None,
+    ):
+        """As `FlaxBlipDiffusionPipeline.__call__`, plus `conditioning_image` (one map for the batch or one per
+        prompt; diffusers' spelling `condtioning_image` is accepted too) and `controlnet_conditioning_scale`."""
+        if condtioning_image is not None:
+            if conditioning_image is not None:
+                raise ValueError("conditioning_image: given twice (also as condtioning_image)")
+            conditioning_image = condtioning_image
+        if conditioning_image is None:
+            raise ValueError("conditioning_image: required (a ControlNet map such as a canny edge image)")
+        scale = controlnet_conditioning_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) or not math.isfinite(scale):
+            raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {scale!r}")
+
+        def prepare_control(batch):
+            maps = list(conditioning_image) if isinstance(conditioning_image, (list, tuple)) else [conditioning_image]
+            if len(maps) not in (1, batch):
+                raise ValueError(f"conditioning_image has {len(maps)} images for {batch} prompts (give 1 or {batch})")
+            control = preprocess_conditioning(maps, height, width)
+            control = np.broadcast_to(control, (batch,) + control.shape[1:])
+            return {"control_image": control}, {"control_scale": jnp.asarray(scale, jnp.float32)}
+
+        return self._call(prompt, reference_image, source_subject_category, target_subject_category, params,
+                          prng_seed, latents, guidance_scale, height, width, num_inference_steps, neg_prompt,
+                          prompt_strength, prompt_reps, output_type, jit, subject_embeddings, mesh,
+                          prepare_extra=prepare_control)
