@@ -42,3 +42,17 @@ def test_pmap_needs_replicated_params_and_a_divisible_batch(flax_pipeline, refer
         pipeline(PROMPTS, make_image(0), "dog", "dog", params=params, jit=True, prng_seed=jax.random.PRNGKey(0), height=16, width=16)
     with pytest.raises(ValueError, match="devices"):
         pipeline(PROMPTS[:3], make_image(0), "dog", "dog", params=params, jit=True, prng_seed=jax.random.PRNGKey(0), height=16, width=16)
+
+
+def test_controlnet_pmap_and_mesh_match_one_device(flax_controlnet_pipeline, reference):
+    from blipdiff_jax.image_processing import canny
+
+    pipeline, params = flax_controlnet_pipeline
+    kwargs, _ = reference
+    edges = canny(make_image(1, (32, 32)), 30, 70)
+    args = (PROMPTS, make_image(0), edges, "dog", ["dog", "cat", "dog", "cat"])
+    single = pipeline(*args, params=params, **kwargs).images
+    pmapped = pipeline(*args, params=replicate(params), jit=True, **kwargs).images
+    meshed = pipeline(*args, params=params, mesh=Mesh(np.array(jax.devices()[:4]), ("data",)), **kwargs).images
+    np.testing.assert_allclose(pmapped, single, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(meshed, single, rtol=0, atol=1e-5)
