@@ -9,9 +9,12 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from .attention_control import CONTROL_COLLECTION
 
 
 def _accepts_key(scheduler) -> bool:
@@ -31,33 +34,52 @@ def denoise(
     do_classifier_free_guidance: bool,
     rng=None,
     unet_residuals: Callable | None = None,
+    attention_control: Callable | None = None,
+    combine_guidance: Callable | None = None,
+    after_step: Callable | None = None,
+    aux=None,
 ):
     """Run the reverse diffusion from `latents` (B, C, h, w), already scaled by the init noise sigma.
 
     context: (2B, L, D) as [unconditional; conditional] when guiding, else (B, L, D).
     unet_residuals(latent_input, timestep, step) -> dict of extra UNet kwargs (ControlNet residuals).
-    Returns the final latents.
+    attention_control(step) -> a `flax.linen.intercept_methods` interceptor for the UNet's attentions; the
+        collections it sows are handed to `after_step`.
+    combine_guidance(uncond, cond, guidance_scale) -> noise, replacing plain classifier-free guidance.
+    after_step(latents, aux, collections, step) -> (latents, aux): a latents hook (LocalBlend), with a carry.
+    Returns the final latents (and the final `aux` when `after_step` is given).
     """
     stochastic = _accepts_key(scheduler)
     rng = jax.random.PRNGKey(0) if rng is None else rng
 
+    def predict(latent_input, timestep, step):
+        extra = unet_residuals(latent_input, timestep, step) if unet_residuals is not None else {}
+        variables = {"params": unet_params}
+        if attention_control is None:  # the fast path: the UNet's own attention
+            return unet.apply(variables, latent_input, timestep, context, **extra).sample, {}
+        with nn.intercept_methods(attention_control(step)):
+            out, collections = unet.apply(variables, latent_input, timestep, context, mutable=[CONTROL_COLLECTION], **extra)
+        return out.sample, collections
+
     def body(step, carry):
-        latents, state = carry
+        latents, state, aux = carry
         t = state.timesteps[step]
         latent_input = jnp.concatenate([latents, latents]) if do_classifier_free_guidance else latents
         latent_input = scheduler.scale_model_input(state, latent_input, t)
         timestep = jnp.broadcast_to(t, (latent_input.shape[0],)).astype(jnp.int32)
-        extra = unet_residuals(latent_input, timestep, step) if unet_residuals is not None else {}
-        noise = unet.apply({"params": unet_params}, latent_input, timestep, context, **extra).sample
+        noise, collections = predict(latent_input, timestep, step)
         if do_classifier_free_guidance:
             uncond, cond = jnp.split(noise, 2)
-            noise = uncond + guidance_scale * (cond - uncond)
+            combine = combine_guidance or (lambda u, c, g: u + g * (c - u))
+            noise = combine(uncond, cond, guidance_scale)
         kwargs = {"key": jax.random.fold_in(rng, step)} if stochastic else {}
         latents, state = scheduler.step(state, noise.astype(latents.dtype), t, latents, **kwargs).to_tuple()
-        return latents, state
+        if after_step is not None:
+            latents, aux = after_step(latents, aux, collections, step)
+        return latents, state, aux
 
-    latents, _ = lax.fori_loop(0, num_inference_steps, body, (latents, scheduler_state))
-    return latents
+    latents, _, aux = lax.fori_loop(0, num_inference_steps, body, (latents, scheduler_state, aux))
+    return (latents, aux) if after_step is not None else latents
 
 
 def decode_latents(vae, vae_params, latents):

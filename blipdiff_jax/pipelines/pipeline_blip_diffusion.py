@@ -23,6 +23,9 @@ from .._quiet import silence_flax_deprecation
 from ..checkpoint import ConvertedModel, is_converted_directory, load_converted
 from ..image_processing import numpy_to_pil, preprocess_reference
 from .denoise import decode_latents, denoise
+from .editing import EditingMixin
+from .inputs import as_list as _as_list
+from .inputs import broadcast as _broadcast
 
 silence_flax_deprecation()
 
@@ -33,26 +36,6 @@ MAX_SIDE = 4096  # documented maximum height/width in pixels
 @dataclasses.dataclass
 class FlaxBlipDiffusionPipelineOutput:
     images: object  # list of PIL images, or an array (batch, height, width, 3) in [0, 1]
-
-
-def _as_list(value, argname: str, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        if not value:
-            raise ValueError(f"{argname} is an empty list")
-        return list(value)
-    raise TypeError(f"{argname} must be a string or a list of strings, not {type(value).__name__}")
-
-
-def _broadcast(values: list, batch: int, argname: str) -> list:
-    if len(values) == batch:
-        return values
-    if len(values) == 1:
-        return values * batch
-    raise ValueError(f"{argname} has {len(values)} entries but there are {batch} prompts (give 1 or {batch})")
 
 
 def scheduler_from_config(config: dict):
@@ -82,7 +65,7 @@ def check_scheduler(scheduler):
                          "DPM-Solver multistep, Euler or DDPM")
 
 
-class FlaxBlipDiffusionPipeline:
+class FlaxBlipDiffusionPipeline(EditingMixin):
     def __init__(self, model: ConvertedModel, *, dtype=jnp.float32, scheduler=None):
         self.dtype = dtype
         self.configs = model.configs

@@ -1,0 +1,277 @@
+"""Subject-driven editing (LAVIS `generate_then_edit`, `edit`, `_ddim_inverse`) on the shared denoising core.
+
+Synthetic editing: a source branch "a {original_subject} {prompt}" and an edited branch
+"a <subject embeddings> {target_subject_category} {prompt}" start from the same noise; prompt-to-prompt
+control (attention_control.py) keeps the edited image's layout, LocalBlend keeps everything outside the
+subject. Real-image editing: the image is VAE-encoded (posterior mean; LAVIS samples it unseeded, so its
+runs are not reproducible), DDIM-inverted with the source prompt at guidance 1, then edited with DDIM; the
+source branch follows its unguided conditional noise so that it reconstructs the image.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from PIL import Image
+
+from ..image_processing import load_image, numpy_to_pil
+from .attention_control import (
+    EditStatic,
+    collected_blend_map,
+    local_blend,
+    make_interceptor,
+    refinement_mapper,
+    schedule_arrays,
+)
+from .denoise import decode_latents, denoise
+from .inputs import as_list
+
+# LAVIS builds its DDIM scheduler (inversion, real-image edits) from Stable Diffusion 1.5's scheduler config.
+LAVIS_DDIM_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "num_train_timesteps": 1000,
+}
+_PLACEHOLDER = -1  # token id of the subject-embedding positions in the mapper (matches no real token)
+
+
+def _single(value, argname):
+    values = as_list(value, argname)
+    if len(values) != 1:
+        raise ValueError(f"{argname}: editing takes one prompt at a time, got {len(values)}")
+    return values[0]
+
+
+def _fraction(value, argname):
+    pair = value if isinstance(value, (tuple, list)) else (0.0, value)
+    try:
+        pair = tuple(float(v) for v in pair)
+    except (TypeError, ValueError):
+        raise TypeError(f"{argname} must be a fraction or a (start, end) pair, not {value!r}") from None
+    if len(pair) != 2 or not all(0.0 <= v <= 1.0 for v in pair) or pair[0] > pair[1]:
+        raise ValueError(f"{argname}={value!r}: fractions must lie in [0, 1] with start <= end")
+    return pair
+
+
+def prepare_real_image(image, height: int, width: int, argname: str = "image") -> np.ndarray:
+    """Resize the short side (bicubic) and center-crop to height x width; (1, 3, H, W) in [-1, 1]."""
+    image = load_image(image, argname)
+    scale = max(height / image.height, width / image.width)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return array.transpose(2, 0, 1)[None]
+
+
+class EditingMixin:
+    """`edit` and `invert` for FlaxBlipDiffusionPipeline."""
+
+    # ---------------------------------------------------------------- host-side preparation
+
+    def _edit_ddim(self):
+        from diffusers import FlaxDDIMScheduler
+
+        from .._quiet import silence_flax_deprecation
+
+        if getattr(self, "_lavis_ddim", None) is None:
+            self._lavis_ddim = FlaxDDIMScheduler.from_config(LAVIS_DDIM_CONFIG)
+            silence_flax_deprecation()
+        return self._lavis_ddim
+
+    def control_pixels(self, height: int, width: int) -> int:
+        """Spatial size of the lowest-resolution down block with cross-attention (LAVIS: 16x16 at 512x512)."""
+        levels = [i for i, kind in enumerate(self.unet.down_block_types) if "CrossAttn" in kind]
+        if not levels:
+            raise ValueError("this UNet has no cross-attention: editing needs it")
+        step = 2 ** levels[-1]
+        return (height // self.latent_factor // step) * (width // self.latent_factor // step)
+
+    def _edit_tokens(self, prompt, original_subject, target_subject):
+        source = f"a {original_subject} {prompt.strip()}"
+        target = f"a {target_subject} {prompt.strip()}"
+        full = self.max_text_length
+        source_ids = self.tokenizer(source, truncation=True, max_length=full).input_ids
+        target_ids = self.tokenizer(target, truncation=True, max_length=full - self.num_query_tokens).input_ids
+        pos = self.ctx_begin_pos
+        aligned_target = target_ids[:pos] + [_PLACEHOLDER] * self.num_query_tokens + target_ids[pos:]
+        mapper, alphas = refinement_mapper(source_ids, aligned_target, full)
+        # LocalBlend words: every occurrence of the subject's tokens in the source prompt.
+        word = self.tokenizer(original_subject, add_special_tokens=False).input_ids
+        if not word:
+            raise ValueError(f"original_subject={original_subject!r} tokenizes to nothing")
+        blend_words = np.zeros(full, np.float32)
+        for start in range(1, len(source_ids) - len(word) + 1):
+            if source_ids[start:start + len(word)] == word:
+                blend_words[start:start + len(word)] = 1.0
+        if not blend_words.any():
+            raise ValueError(f"original_subject={original_subject!r} does not occur in the tokens of {source!r}")
+        pad = lambda ids, n: self.tokenizer.pad({"input_ids": [ids]}, padding="max_length", max_length=n)["input_ids"]  # noqa: E731
+        return (np.asarray(pad(source_ids, full), np.int32), np.asarray(pad(target_ids, full - self.num_query_tokens), np.int32),
+                mapper, alphas, blend_words)
+
+    # ---------------------------------------------------------------- compiled programs
+
+    def _edit_program(self, params, scheduler_state, tokens, subject_embeds, latents, arrays, guidance_scale,
+                      num_inference_steps, do_cfg, static, real_image):
+        scheduler = self._edit_ddim() if real_image else self.scheduler
+        text = {"params": params["text_encoder"]}
+        source = self.text_encoder.apply(text, tokens["source"])[0]
+        target = self.text_encoder.apply(text, tokens["target"], subject_embeds, jnp.array([self.ctx_begin_pos]))[0]
+        context = jnp.concatenate([source, target])
+        if do_cfg:
+            uncond = self.text_encoder.apply(text, tokens["uncond"])[0]
+            context = jnp.concatenate([uncond, uncond, context])
+        state = scheduler.set_timesteps(scheduler_state, num_inference_steps=num_inference_steps, shape=latents.shape)
+        latents = latents * state.init_noise_sigma
+
+        def combine(uncond, cond, g):
+            guided = uncond + g * (cond - uncond)
+            # Real images: the source branch follows its unguided noise, so that it reconstructs the image.
+            return jnp.concatenate([cond[:1], guided[1:]]) if real_image else guided
+
+        def after_step(latents, blend_sum, collections, step):
+            if not static.use_local_blend:
+                return latents, blend_sum
+            blend_sum = blend_sum + collected_blend_map(collections)
+            return local_blend(latents, blend_sum, static, arrays["lb_threshold"]), blend_sum
+
+        latents, _ = denoise(
+            unet=self.unet, unet_params=params["unet"], scheduler=scheduler, scheduler_state=state,
+            latents=latents, context=context, guidance_scale=guidance_scale,
+            # Every timestep the scheduler lists: PNDM lists one more than asked (its last step is a no-op on
+            # the latents), and LAVIS's controller and LocalBlend run at each of them.
+            num_inference_steps=state.timesteps.shape[0], do_classifier_free_guidance=do_cfg,
+            attention_control=lambda step: make_interceptor(static, arrays, step, guided=do_cfg),
+            combine_guidance=combine, after_step=after_step, aux=jnp.zeros((static.control_pixels,), latents.dtype),
+        )
+        return decode_latents(self.vae, params["vae"], latents)
+
+    def _invert_program(self, params, scheduler_state, image, ids, num_inference_steps):
+        """VAE posterior mean of `image`, then DDIM inversion (LAVIS `_ddim_inverse`, guidance 1)."""
+        scheduler = self._edit_ddim()
+        posterior = self.vae.apply({"params": params["vae"]}, image, method=self.vae.encode).latent_dist
+        latents = posterior.mean.transpose(0, 3, 1, 2) * self.vae.config.scaling_factor
+        context = self.text_encoder.apply({"params": params["text_encoder"]}, ids)[0]
+        state = scheduler.set_timesteps(scheduler_state, num_inference_steps=num_inference_steps, shape=latents.shape)
+        alphas = state.common.alphas_cumprod
+        stride = scheduler.config.num_train_timesteps // num_inference_steps
+        timesteps = state.timesteps[::-1]
+
+        def body(i, x):
+            t = timesteps[i]
+            eps = self.unet.apply({"params": params["unet"]}, x, jnp.broadcast_to(t, (x.shape[0],)), context).sample
+            prev = t - stride
+            a_from = jnp.where(prev >= 0, alphas[jnp.maximum(prev, 0)], state.final_alpha_cumprod)
+            a_to = alphas[t]
+            # x_t from x_{t-1}: the DDIM update run backwards (noise to more noise).
+            return a_to**0.5 * ((a_from**-0.5 - a_to**-0.5) * x + ((1 / a_to - 1) ** 0.5 - (1 / a_from - 1) ** 0.5) * eps) + x
+
+        return lax.fori_loop(0, num_inference_steps, body, latents)
+
+    def _jitted(self, name):
+        cache = self.__dict__.setdefault("_edit_jits", {})
+        if name not in cache:
+            if name == "edit":
+                cache[name] = jax.jit(self._edit_program, static_argnames=("num_inference_steps", "do_cfg", "static", "real_image"))
+            else:
+                cache[name] = jax.jit(self._invert_program, static_argnames=("num_inference_steps",))
+        return cache[name]
+
+    # ---------------------------------------------------------------- public API
+
+    def invert(self, image, prompt, params=None, num_inference_steps: int = 50, height: int = 512, width: int = 512):
+        """DDIM-invert a real image with `prompt` (no subject embeddings, guidance 1): latents (1, 4, h, w)."""
+        if params is None:
+            raise ValueError("params: pass the params returned by from_pretrained")
+        prompt = _single(prompt, "prompt")
+        self._check_common(height, width, num_inference_steps, 1.0, "np")
+        return self._invert_pixels(prepare_real_image(image, height, width), prompt, params, num_inference_steps)
+
+    def _invert_pixels(self, pixels, prompt, params, num_inference_steps):
+        ids = self.tokenizer([prompt], padding="max_length", truncation=True, max_length=self.max_text_length,
+                             return_tensors="np").input_ids.astype(np.int32)
+        state = self._edit_ddim().create_state()
+        return self._jitted("invert")(params, state, jnp.asarray(pixels, self.dtype), ids, num_inference_steps=int(num_inference_steps))
+
+    def edit(
+        self,
+        prompt,
+        reference_image,
+        source_subject_category,
+        target_subject_category,
+        original_subject,
+        image=None,
+        params=None,
+        prng_seed=None,
+        latents=None,
+        guidance_scale: float = 7.5,
+        num_inference_steps: int = 50,
+        num_inversion_steps: int = 50,
+        cross_replace_steps=0.8,
+        self_replace_steps=0.4,
+        lb_threshold: float = 0.3,
+        neg_prompt: str = "",
+        height: int = 512,
+        width: int = 512,
+        output_type: str = "pil",
+        jit: bool = False,
+        subject_embeddings=None,
+        local_blend: bool = True,
+    ):
+        """Edit `original_subject` into the reference subject. `image=None`: synthetic editing (both branches
+        generated from the same noise); `image` given: real-image editing (DDIM inversion, then DDIM).
+        `out.images` holds the source (generated or reconstructed) image, then the edited one.
+        `local_blend=False` turns LocalBlend off (the edited branch is not masked)."""
+        from .pipeline_blip_diffusion import FlaxBlipDiffusionPipelineOutput
+
+        if params is None:
+            raise ValueError("params: pass the params returned by from_pretrained")
+        if jit:
+            raise ValueError("jit: editing runs one (source, edited) pair on one device; pass jit=False")
+        prompt = _single(prompt, "prompt")
+        original_subject = _single(original_subject, "original_subject")
+        target = _single(target_subject_category, "target_subject_category")
+        neg = _single(neg_prompt if neg_prompt is not None else "", "neg_prompt")
+        self._check_common(height, width, num_inference_steps, guidance_scale, output_type)
+        cross = _fraction(cross_replace_steps, "cross_replace_steps")
+        self_steps = _fraction(self_replace_steps, "self_replace_steps")
+        if isinstance(lb_threshold, bool) or not isinstance(lb_threshold, (int, float)) or not np.isfinite(lb_threshold):
+            raise ValueError(f"lb_threshold must be a finite number, got {lb_threshold!r}")
+        real_image = image is not None
+        pixels = prepare_real_image(image, height, width) if real_image else None
+        if real_image:
+            self._check_common(height, width, num_inversion_steps, 1.0, "np")
+        source_ids, target_ids, mapper, alphas, blend_words = self._edit_tokens(prompt, original_subject, target)
+        if subject_embeddings is None:
+            if reference_image is None:
+                raise ValueError("reference_image: required (or pass subject_embeddings)")
+            subject_embeddings = self.encode_subject(reference_image, _single(source_subject_category, "source_subject_category"), params)
+        subject_embeddings = jnp.asarray(subject_embeddings, self.dtype)[:1]
+
+        if real_image:
+            start = self._invert_pixels(pixels, f"a {original_subject} {prompt.strip()}", params, num_inversion_steps)
+        else:
+            start = self._latents(latents, prng_seed, 1, height, width)
+        start = jnp.broadcast_to(start, (2,) + start.shape[1:])
+        tokens = {"source": source_ids, "target": target_ids,
+                  "uncond": self.tokenizer([neg], padding="max_length", truncation=True, max_length=self.max_text_length,
+                                           return_tensors="np").input_ids.astype(np.int32)}
+        arrays = schedule_arrays(num_inference_steps, cross, self_steps, mapper, alphas, blend_words, float(lb_threshold))
+        static = EditStatic(control_pixels=self.control_pixels(height, width), use_local_blend=bool(local_blend))
+        scheduler = self._edit_ddim() if real_image else self.scheduler
+        images = self._jitted("edit")(
+            params, scheduler.create_state(), tokens, subject_embeddings, start, arrays,
+            jnp.asarray(guidance_scale, jnp.float32), num_inference_steps=int(num_inference_steps),
+            do_cfg=guidance_scale > 1.0, static=static, real_image=real_image,
+        )
+        images = np.asarray(jax.device_get(images), dtype=np.float32)
+        return FlaxBlipDiffusionPipelineOutput(images=images if output_type == "np" else numpy_to_pil(images))
+
