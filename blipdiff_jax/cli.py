@@ -45,6 +45,21 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--controlnet", default=None, metavar="PATH", help="SD 1.5 ControlNet directory to add to --model")
     gen.add_argument("--controlnet-scale", type=float, default=1.0, help="controlnet_conditioning_scale (default: %(default)s)")
 
+    edit = sub.add_parser("edit", parents=[common], help="edit a subject into a real photo (or a generated one)",
+                          description="Replace --original-subject in --image (DDIM-inverted) by the subject of --reference. "
+                                      "Writes the reconstruction and the edit side by side.")
+    edit.add_argument("--model", required=True, help="converted directory or a diffusers PyTorch directory")
+    edit.add_argument("--image", default=None, help="photo to edit (omit for synthetic editing: generate, then edit)")
+    edit.add_argument("--reference", required=True, help="reference image of the new subject")
+    edit.add_argument("--subject", required=True, help="category word of the subject in --reference, e.g. skirt")
+    edit.add_argument("--target-subject", default=None, help="category to render (default: --subject)")
+    edit.add_argument("--original-subject", required=True, help="word for what to replace in --image, e.g. dress")
+    edit.add_argument("--inversion-steps", type=int, default=None, help="DDIM inversion steps (default: --steps)")
+    edit.add_argument("--cross-replace-steps", type=float, default=0.8)
+    edit.add_argument("--self-replace-steps", type=float, default=0.4)
+    edit.add_argument("--lb-threshold", type=float, default=0.3, help="LocalBlend mask threshold (default: %(default)s)")
+    edit.add_argument("--qformer-tokenizer", default=None, help="local BERT tokenizer folder (PyTorch directories only)")
+
     demo = sub.add_parser("demo", parents=[common], help="offline check of the install with the embedded tiny RANDOM-weight model",
                           description="Generate with the embedded tiny model. Its weights are random: the PNG is noise, "
                                       "which proves the install and the compiled pipeline work, not image quality.")
@@ -61,6 +76,8 @@ def _run(args) -> str:
 
     started = time.perf_counter()
     call_extra = {}
+    if args.command == "edit":
+        return _edit(args, started)
     if args.command == "demo":
         from . import tiny
 
@@ -88,7 +105,7 @@ def _run(args) -> str:
         else:
             if args.controlnet is not None:
                 raise ValueError("--controlnet: needs --control-image")
-            pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(args.model, from_pt=from_pt, **kwargs)
+            pipeline, params = _load(args.model, args.qformer_tokenizer)
         image = args.image
         defaults = {"height": 512, "width": 512, "steps": 50}
     loaded = time.perf_counter()
@@ -111,6 +128,43 @@ def _run(args) -> str:
     os.makedirs(directory, exist_ok=True)
     out.images[0].save(args.out)
     print(f"loaded in {loaded - started:.1f}s, compiled and sampled in {done - loaded:.1f}s")
+    return args.out
+
+
+def _load(model: str, qformer_tokenizer=None):
+    from .checkpoint import is_converted_directory
+    from .pipelines import FlaxBlipDiffusionPipeline
+
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"--model: no directory {model!r}")
+    from_pt = not is_converted_directory(model)
+    kwargs = {"qformer_tokenizer": qformer_tokenizer} if from_pt else {}
+    return FlaxBlipDiffusionPipeline.from_pretrained(model, from_pt=from_pt, **kwargs)
+
+
+def _edit(args, started) -> str:
+    import jax
+    from PIL import Image
+
+    pipeline, params = _load(args.model, args.qformer_tokenizer)
+    steps = 50 if args.steps is None else args.steps
+    loaded = time.perf_counter()
+    out = pipeline.edit(
+        args.prompt, args.reference, args.subject, args.target_subject or args.subject, args.original_subject,
+        image=args.image, params=params, prng_seed=jax.random.PRNGKey(args.seed), guidance_scale=args.guidance,
+        num_inference_steps=steps, num_inversion_steps=steps if args.inversion_steps is None else args.inversion_steps,
+        cross_replace_steps=args.cross_replace_steps, self_replace_steps=args.self_replace_steps,
+        lb_threshold=args.lb_threshold, neg_prompt=args.negative_prompt,
+        height=512 if args.height is None else args.height, width=512 if args.width is None else args.width,
+    )
+    done = time.perf_counter()
+    source, edited = out.images
+    pair = Image.new("RGB", (source.width * 2, source.height))
+    pair.paste(source, (0, 0))
+    pair.paste(edited, (source.width, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    pair.save(args.out)
+    print(f"loaded in {loaded - started:.1f}s, compiled and edited in {done - loaded:.1f}s (left: source, right: edit)")
     return args.out
 
 

@@ -66,3 +66,23 @@ def test_stylization_example_from_the_cli(torch_controlnet_pipeline_dir, tmp_pat
                  "--control-image", shared_image("kettle.jpg"), "--canny", "30", "70", "--out", str(out),
                  "--steps", "2", "--height", "32", "--width", "32"])
     assert code == 0 and out.exists()
+
+
+def test_edit_a_real_photo(converted_model, tmp_path):
+    model_dir = save_converted(converted_model, str(tmp_path / "model"))
+    photo, reference = tmp_path / "photo.png", tmp_path / "ref.png"
+    make_image(23, (50, 40)).save(photo)
+    make_image(24).save(reference)
+    out = tmp_path / "edit.png"
+    code = main(["edit", "--model", model_dir, "--image", str(photo), "--reference", str(reference), "--subject", "dog",
+                 "--original-subject", "cat", "--prompt", "on a sofa", "--out", str(out), "--steps", "2",
+                 "--height", "16", "--width", "16"])
+    assert code == 0 and Image.open(out).size == (32, 16)
+
+
+def test_virtual_try_on_from_the_cli(torch_pipeline_dir, tmp_path):
+    out = tmp_path / "tryon.png"
+    code = main(["edit", "--model", torch_pipeline_dir, "--image", shared_image("dress-model.png"),
+                 "--reference", shared_image("green-skirt.png"), "--subject", "skirt", "--original-subject", "dress",
+                 "--prompt", "", "--out", str(out), "--steps", "2", "--height", "16", "--width", "16"])
+    assert code == 0 and out.exists()
