@@ -10,10 +10,12 @@ import torch.nn.functional as F
 class Controller:
     """AttentionRefine + LocalBlend for a batch [source, edited], conditional half only (as LAVIS)."""
 
-    def __init__(self, cross_alpha, self_window, mapper, alphas, blend_words, threshold, control_pixels, guided, use_blend=True):
+    def __init__(self, cross_alpha, self_window, mapper, alphas, blend_words, threshold, control_pixels, guided,
+                 use_blend=True, equalizer=None):
+        self.equalizer = torch.ones(77) if equalizer is None else torch.as_tensor(equalizer)
         self.cross_alpha = torch.as_tensor(cross_alpha)
         self.self_window = torch.as_tensor(self_window)
-        self.mapper = torch.as_tensor(mapper).long()
+        self.mapper = torch.as_tensor(mapper)  # (77,) indices: AttentionRefine; (77, 77): AttentionReplace
         self.alphas = torch.as_tensor(alphas)
         self.blend_words = torch.as_tensor(blend_words)
         self.threshold, self.control_pixels, self.guided, self.use_blend = threshold, control_pixels, guided, use_blend
@@ -26,7 +28,11 @@ class Controller:
         if is_cross and place in ("down", "up") and probs.shape[1] == self.control_pixels:
             self.step_maps.append((base * self.blend_words).sum(-1))  # (heads, q)
         if is_cross:
-            refined = base[:, :, self.mapper] * self.alphas + edited * (1 - self.alphas)
+            if self.mapper.ndim == 2:
+                moved = torch.einsum("hpw,wn->hpn", base, self.mapper)
+            else:
+                moved = base[:, :, self.mapper.long()]
+            refined = (moved * self.alphas + edited * (1 - self.alphas)) * self.equalizer
             a = self.cross_alpha[self.step]
             cond[1] = refined * a + edited * (1 - a)
         elif probs.shape[1] <= self.control_pixels and self.self_window[self.step] > 0:

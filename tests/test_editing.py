@@ -23,9 +23,11 @@ def reference(torch_pipeline):
     return copy.deepcopy(torch_pipeline)
 
 
-def _torch_edit(ref, pipeline, params, latents, real_image, guidance=7.5, cross=0.8, self_steps=0.4, lb=0.3, blend=True):
+def _torch_edit(ref, pipeline, params, latents, real_image, guidance=7.5, cross=0.8, self_steps=0.4, lb=0.3, blend=True,
+                original=ORIGINAL, controller="refine", equalizer=None):
     """Run the PyTorch reference on the same tokens, subject embeddings and schedules as ours."""
-    source_ids, target_ids, mapper, alphas, words = pipeline._edit_tokens(PROMPT, ORIGINAL, TARGET)
+    tokens = pipeline._edit_tokens(PROMPT, original, TARGET, controller, equalizer)
+    source_ids, target_ids = tokens["source"], tokens["target"]
     embeds = torch.from_numpy(np.array(pipeline.encode_subject(make_image(0), "dog", params)))
     uncond_ids = pipeline.tokenizer([""], padding="max_length", max_length=77, return_tensors="np").input_ids
     with torch.no_grad():
@@ -34,8 +36,9 @@ def _torch_edit(ref, pipeline, params, latents, real_image, guidance=7.5, cross=
         target = te(input_ids=torch.from_numpy(target_ids).long(), ctx_embeddings=embeds, ctx_begin_pos=[2])[0]
         uncond = te(input_ids=torch.from_numpy(uncond_ids).long())[0]
         context = torch.cat([uncond, uncond, source, target]) if guidance > 1 else torch.cat([source, target])
-        controller = Controller(time_window(STEPS, cross), time_window(STEPS, self_steps, scale_by_rows=False), mapper, alphas,
-                                words, lb, pipeline.control_pixels(SIZE, SIZE), guidance > 1, blend)
+        controller = Controller(time_window(STEPS, cross), time_window(STEPS, self_steps, scale_by_rows=False),
+                                tokens["mapper"], tokens["alphas"], tokens["blend_words"], lb,
+                                pipeline.control_pixels(SIZE, SIZE), guidance > 1, blend, tokens["equalizer"])
         attach(ref.unet, controller)
         try:
             if real_image:
@@ -77,6 +80,21 @@ def test_synthetic_edit_matches_pytorch(flax_pipeline, reference):
     assert ours.shape == (2, SIZE, SIZE, 3)
     assert np.abs(ours[0] - ours[1]).max() > 1e-3  # the edit changes something
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOLERANCE)
+
+
+def test_replace_and_reweight_controllers_match_pytorch(flax_pipeline, reference):
+    """AttentionReplace (a same-length word swap: "cat" -> "dog") with AttentionReweight on top."""
+    pipeline, params = flax_pipeline
+    latents = np.random.RandomState(2).randn(1, 4, SIZE // 2, SIZE // 2).astype(np.float32)
+    options = dict(controller="replace", equalizer={"sofa": 2.0})
+    ours = pipeline.edit(PROMPT, make_image(0), "dog", TARGET, ORIGINAL, params=params, latents=latents, height=SIZE,
+                         width=SIZE, num_inference_steps=STEPS, output_type="np", **options).images
+    ref = _torch_edit(reference, pipeline, params, latents, real_image=False, **options)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOLERANCE)
+    with pytest.raises(ValueError, match="same token length"):
+        pipeline.edit(PROMPT, make_image(0), "dog", "teapot", ORIGINAL, params=params, controller="replace", height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match="equalizer"):
+        pipeline.edit(PROMPT, make_image(0), "dog", TARGET, ORIGINAL, params=params, equalizer={"moon": 2.0}, height=SIZE, width=SIZE)
 
 
 def test_real_image_edit_and_inversion_match_pytorch(flax_pipeline, reference):

@@ -86,6 +86,29 @@ def refinement_mapper(source_ids: list[int], target_ids: list[int], max_len: int
     return mapper, alphas
 
 
+PLACEHOLDER = -1  # token id of the subject-embedding positions (matches no real token)
+
+
+def replacement_mapper(source_ids: list[int], target_ids: list[int], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """AttentionReplace: position-wise word swap. The target, without its subject placeholders, must have as
+    many tokens as the source. Returns a (max_len, max_len) source->target matrix and the target alphas
+    (0 at the placeholders, which keep their own maps)."""
+    real = [j for j, token in enumerate(target_ids) if token != PLACEHOLDER]
+    if len(real) != len(source_ids):
+        raise ValueError(
+            f"controller='replace' needs source and edited prompts of the same token length "
+            f"({len(source_ids)} vs {len(real)}); use controller='refine'"
+        )
+    matrix = np.zeros((max_len, max_len), np.float32)
+    for i, j in enumerate(real):
+        matrix[i, j] = 1.0
+    shift = len(target_ids) - len(source_ids)
+    for k in range(len(target_ids), max_len):  # padding: position k of the edited prompt reads source k - shift
+        matrix[k - shift, k] = 1.0
+    alphas = np.array([0.0 if token == PLACEHOLDER else 1.0 for token in target_ids] + [1.0] * (max_len - len(target_ids)), np.float32)
+    return matrix, alphas
+
+
 # --------------------------------------------------------------------------- the traced controller
 
 
@@ -95,14 +118,18 @@ class EditStatic:
 
     control_pixels: int  # spatial size (h*w) of the control resolution
     use_local_blend: bool = True
+    mode: str = "refine"  # "refine" (mapper: (77,) indices) or "replace" (mapper: (77, 77) matrix)
 
 
-def schedule_arrays(num_steps, cross_replace_steps, self_replace_steps, mapper, alphas, blend_words, lb_threshold):
-    """The traced arrays of one edit: step-indexed windows, the token mapper, LocalBlend's word weights."""
+def schedule_arrays(num_steps, cross_replace_steps, self_replace_steps, mapper, alphas, blend_words, lb_threshold,
+                    equalizer=None):
+    """The traced arrays of one edit: step-indexed windows, the token mapper, LocalBlend's word weights and
+    AttentionReweight's per-token scales (`equalizer`, ones when unused)."""
     return {
+        "equalizer": jnp.ones(len(alphas), jnp.float32) if equalizer is None else jnp.asarray(equalizer, jnp.float32),
         "cross_alpha": jnp.asarray(time_window(num_steps, cross_replace_steps, argname="cross_replace_steps")),
         "self_window": jnp.asarray(time_window(num_steps, self_replace_steps, "self_replace_steps", scale_by_rows=False)),
-        "mapper": jnp.asarray(mapper),  # (77,) source token index for each target position
+        "mapper": jnp.asarray(mapper),  # refine: (77,) source index per target position; replace: (77, 77)
         "alphas": jnp.asarray(alphas),  # (77,) 1 where the target token has a source counterpart
         "blend_words": jnp.asarray(blend_words),  # (77,) 1 at the source-prompt tokens of the subject word
         "lb_threshold": jnp.asarray(lb_threshold, jnp.float32),
@@ -116,7 +143,11 @@ def _control_probs(probs, heads, is_cross, step, schedule, arrays, guided):
     cond = probs[half:].reshape(2, heads, *probs.shape[1:])
     base, edited = cond[0], cond[1]
     if is_cross:
-        refined = base[..., arrays["mapper"]] * arrays["alphas"] + edited * (1 - arrays["alphas"])
+        if schedule.mode == "replace":
+            moved = jnp.einsum("hqs,st->hqt", base, arrays["mapper"])
+        else:
+            moved = base[..., arrays["mapper"]]
+        refined = (moved * arrays["alphas"] + edited * (1 - arrays["alphas"])) * arrays["equalizer"]
         alpha = arrays["cross_alpha"][step]
         new_edited = refined * alpha + edited * (1 - alpha)
     elif probs.shape[1] <= schedule.control_pixels:

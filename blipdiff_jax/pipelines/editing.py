@@ -18,11 +18,13 @@ from PIL import Image
 
 from ..image_processing import load_image, numpy_to_pil
 from .attention_control import (
+    PLACEHOLDER,
     EditStatic,
     collected_blend_map,
     local_blend,
     make_interceptor,
     refinement_mapper,
+    replacement_mapper,
     schedule_arrays,
 )
 from .denoise import decode_latents, denoise
@@ -38,7 +40,6 @@ LAVIS_DDIM_CONFIG = {
     "steps_offset": 1,
     "num_train_timesteps": 1000,
 }
-_PLACEHOLDER = -1  # token id of the subject-embedding positions in the mapper (matches no real token)
 
 
 def _single(value, argname):
@@ -94,28 +95,52 @@ class EditingMixin:
         step = 2 ** levels[-1]
         return (height // self.latent_factor // step) * (width // self.latent_factor // step)
 
-    def _edit_tokens(self, prompt, original_subject, target_subject):
+    def _word_positions(self, ids: list[int], word: str, argname: str) -> np.ndarray:
+        """0/1 over 77 positions: every occurrence of `word`'s tokens in `ids`."""
+        tokens = self.tokenizer(word, add_special_tokens=False).input_ids
+        if not tokens:
+            raise ValueError(f"{argname}: {word!r} tokenizes to nothing")
+        found = np.zeros(self.max_text_length, np.float32)
+        for start in range(1, len(ids) - len(tokens) + 1):
+            if ids[start:start + len(tokens)] == tokens:
+                found[start:start + len(tokens)] = 1.0
+        return found
+
+    def _edit_tokens(self, prompt, original_subject, target_subject, controller="refine", equalizer=None):
+        """Token ids of both branches, the token mapper, LocalBlend's words and the reweighting equalizer."""
         source = f"a {original_subject} {prompt.strip()}"
         target = f"a {target_subject} {prompt.strip()}"
         full = self.max_text_length
         source_ids = self.tokenizer(source, truncation=True, max_length=full).input_ids
         target_ids = self.tokenizer(target, truncation=True, max_length=full - self.num_query_tokens).input_ids
         pos = self.ctx_begin_pos
-        aligned_target = target_ids[:pos] + [_PLACEHOLDER] * self.num_query_tokens + target_ids[pos:]
-        mapper, alphas = refinement_mapper(source_ids, aligned_target, full)
-        # LocalBlend words: every occurrence of the subject's tokens in the source prompt.
-        word = self.tokenizer(original_subject, add_special_tokens=False).input_ids
-        if not word:
-            raise ValueError(f"original_subject={original_subject!r} tokenizes to nothing")
-        blend_words = np.zeros(full, np.float32)
-        for start in range(1, len(source_ids) - len(word) + 1):
-            if source_ids[start:start + len(word)] == word:
-                blend_words[start:start + len(word)] = 1.0
+        # The edited branch's sequence as the text encoder sees it: subject embeddings spliced at ctx_begin_pos.
+        aligned = target_ids[:pos] + [PLACEHOLDER] * self.num_query_tokens + target_ids[pos:]
+        if controller == "refine":
+            mapper, alphas = refinement_mapper(source_ids, aligned, full)
+        elif controller == "replace":
+            mapper, alphas = replacement_mapper(source_ids, aligned, full)
+        else:
+            raise ValueError(f"controller={controller!r} is not one of 'refine', 'replace'")
+        blend_words = self._word_positions(source_ids, original_subject, "original_subject")
         if not blend_words.any():
             raise ValueError(f"original_subject={original_subject!r} does not occur in the tokens of {source!r}")
+        scales = None
+        if equalizer is not None:
+            if not isinstance(equalizer, dict) or not all(isinstance(k, str) for k in equalizer):
+                raise TypeError("equalizer must be a dict {word: scale} (AttentionReweight)")
+            scales = np.ones(full, np.float32)
+            for word, value in equalizer.items():
+                where = self._word_positions(aligned, word, "equalizer")
+                if not where.any() or not np.isfinite(value):
+                    raise ValueError(f"equalizer: {word!r} is not in the edited prompt {target!r} or its scale is not finite")
+                scales[where > 0] = float(value)
         pad = lambda ids, n: self.tokenizer.pad({"input_ids": [ids]}, padding="max_length", max_length=n)["input_ids"]  # noqa: E731
-        return (np.asarray(pad(source_ids, full), np.int32), np.asarray(pad(target_ids, full - self.num_query_tokens), np.int32),
-                mapper, alphas, blend_words)
+        return {
+            "source": np.asarray(pad(source_ids, full), np.int32),
+            "target": np.asarray(pad(target_ids, full - self.num_query_tokens), np.int32),
+            "mapper": mapper, "alphas": alphas, "blend_words": blend_words, "equalizer": scales,
+        }
 
     # ---------------------------------------------------------------- compiled programs
 
@@ -225,11 +250,15 @@ class EditingMixin:
         jit: bool = False,
         subject_embeddings=None,
         local_blend: bool = True,
+        controller: str = "refine",
+        equalizer: dict | None = None,
     ):
         """Edit `original_subject` into the reference subject. `image=None`: synthetic editing (both branches
         generated from the same noise); `image` given: real-image editing (DDIM inversion, then DDIM).
         `out.images` holds the source (generated or reconstructed) image, then the edited one.
-        `local_blend=False` turns LocalBlend off (the edited branch is not masked)."""
+        `local_blend=False` turns LocalBlend off (the edited branch is not masked). `controller`: "refine"
+        (AttentionRefine, default) or "replace" (AttentionReplace: a same-length word swap); `equalizer`
+        ({word: scale} in the edited prompt) adds AttentionReweight on top."""
         from .pipeline_blip_diffusion import FlaxBlipDiffusionPipelineOutput
 
         if params is None:
@@ -249,7 +278,7 @@ class EditingMixin:
         pixels = prepare_real_image(image, height, width) if real_image else None
         if real_image:
             self._check_common(height, width, num_inversion_steps, 1.0, "np")
-        source_ids, target_ids, mapper, alphas, blend_words = self._edit_tokens(prompt, original_subject, target)
+        edit_tokens = self._edit_tokens(prompt, original_subject, target, controller, equalizer)
         if subject_embeddings is None:
             if reference_image is None:
                 raise ValueError("reference_image: required (or pass subject_embeddings)")
@@ -261,11 +290,12 @@ class EditingMixin:
         else:
             start = self._latents(latents, prng_seed, 1, height, width)
         start = jnp.broadcast_to(start, (2,) + start.shape[1:])
-        tokens = {"source": source_ids, "target": target_ids,
+        tokens = {"source": edit_tokens["source"], "target": edit_tokens["target"],
                   "uncond": self.tokenizer([neg], padding="max_length", truncation=True, max_length=self.max_text_length,
                                            return_tensors="np").input_ids.astype(np.int32)}
-        arrays = schedule_arrays(num_inference_steps, cross, self_steps, mapper, alphas, blend_words, float(lb_threshold))
-        static = EditStatic(control_pixels=self.control_pixels(height, width), use_local_blend=bool(local_blend))
+        arrays = schedule_arrays(num_inference_steps, cross, self_steps, edit_tokens["mapper"], edit_tokens["alphas"],
+                                 edit_tokens["blend_words"], float(lb_threshold), edit_tokens["equalizer"])
+        static = EditStatic(control_pixels=self.control_pixels(height, width), use_local_blend=bool(local_blend), mode=controller)
         scheduler = self._edit_ddim() if real_image else self.scheduler
         images = self._jitted("edit")(
             params, scheduler.create_state(), tokens, subject_embeddings, start, arrays,
