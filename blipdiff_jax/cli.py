@@ -1,7 +1,8 @@
-"""`blipdiff-jax`: subject-driven generation from the command line.
+"""`blipdiff-jax`: subject-driven generation, stylization and editing from the command line.
 
     blipdiff-jax demo --out demo.png
     blipdiff-jax generate --model DIR --image dog.png --subject dog --prompt "swimming underwater" --out out.png
+    blipdiff-jax edit --model DIR --image photo.png --reference skirt.png --subject skirt --original-subject dress
 """
 
 from __future__ import annotations
@@ -13,54 +14,65 @@ import tempfile
 import time
 
 
-class _UsageError(Exception):
-    pass
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blipdiff-jax", description="BLIP-Diffusion in JAX: subject-driven image generation.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="blipdiff-jax",
+        description="BLIP-Diffusion in JAX: images of a subject from one reference photo, guided by a prompt.",
+        epilog="Run `blipdiff-jax COMMAND --help` for the options of each command.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--prompt", default="on the beach", help="what the subject does or where it is")
-    common.add_argument("--out", default="out.png", help="PNG file to write (default: %(default)s)")
-    common.add_argument("--steps", type=int, default=None, help="denoising steps")
-    common.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
-    common.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    common.add_argument("--height", type=int, default=None, help="image height in pixels")
-    common.add_argument("--width", type=int, default=None, help="image width in pixels")
-    common.add_argument("--negative-prompt", default="", help="what to steer away from")
+    look = common.add_argument_group("what to make")
+    look.add_argument("--prompt", default="on the beach", help="what the subject does or where it is (default: %(default)r)")
+    look.add_argument("--negative-prompt", default="", help="what to steer away from")
+    look.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; demo: 10)")
+    look.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    look.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    look.add_argument("--height", type=int, default=None, help="image height in pixels (default: 512; demo: 64)")
+    look.add_argument("--width", type=int, default=None, help="image width in pixels (default: 512; demo: 64)")
+    out = common.add_argument_group("output")
+    out.add_argument("--out", default="out.png", help="PNG to write; a grid when there are several images (default: %(default)s)")
+    out.add_argument("--output-dir", default=None, help="also write every image to this folder, one PNG each")
+    run = common.add_argument_group("compilation")
+    run.add_argument("--compile-cache", default=None, metavar="DIR",
+                     help="JAX persistent compilation cache (default: $BLIPDIFF_JAX_CACHE/jax-cache, ~/.cache/blipdiff-jax/jax-cache)")
+    run.add_argument("--no-compile-cache", action="store_true", help="compile from scratch every run")
 
-    gen = sub.add_parser("generate", parents=[common], help="generate an image of a subject from a reference photo",
-                         description="Generate an image of the subject in --image, doing what --prompt says.")
-    gen.add_argument("--model", required=True, help="converted directory (python -m convert) or a diffusers PyTorch directory")
+    many = argparse.ArgumentParser(add_help=False)
+    many.add_argument("--num-images", type=int, default=1, help="images to make, each from its own noise (default: 1)")
+
+    gen = sub.add_parser("generate", parents=[common, many], help="generate an image of a subject from a reference photo",
+                         description="Generate the subject of --image doing what --prompt says; with --control-image, "
+                                     "follow that image's structure through a ControlNet (stylization).")
+    gen.add_argument("--model", required=True, help="converted directory, diffusers PyTorch directory, or Hub id")
     gen.add_argument("--image", required=True, help="reference image file of the subject")
     gen.add_argument("--subject", required=True, help="category word of the subject in --image, e.g. dog")
     gen.add_argument("--target-subject", default=None, help="category to render (default: --subject)")
     gen.add_argument("--qformer-tokenizer", default=None, help="local BERT tokenizer folder (PyTorch directories only)")
-    gen.add_argument("--control-image", default=None, metavar="FILE",
-                     help="ControlNet conditioning image (structure); the model needs a controlnet (see --controlnet)")
-    gen.add_argument("--canny", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                     help="turn --control-image into a canny edge map with these thresholds first (e.g. 30 70)")
-    gen.add_argument("--controlnet", default=None, metavar="PATH", help="SD 1.5 ControlNet directory to add to --model")
-    gen.add_argument("--controlnet-scale", type=float, default=1.0, help="controlnet_conditioning_scale (default: %(default)s)")
+    control = gen.add_argument_group("ControlNet")
+    control.add_argument("--control-image", default=None, metavar="FILE", help="conditioning image (structure)")
+    control.add_argument("--canny", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                         help="turn --control-image into a canny edge map first (e.g. 30 70)")
+    control.add_argument("--controlnet", default=None, metavar="PATH", help="SD 1.5 ControlNet directory to add to --model")
+    control.add_argument("--controlnet-scale", type=float, default=1.0, help="controlnet_conditioning_scale (default: %(default)s)")
 
-    edit = sub.add_parser("edit", parents=[common], help="edit a subject into a real photo (or a generated one)",
-                          description="Replace --original-subject in --image (DDIM-inverted) by the subject of --reference. "
-                                      "Writes the reconstruction and the edit side by side.")
-    edit.add_argument("--model", required=True, help="converted directory or a diffusers PyTorch directory")
-    edit.add_argument("--image", default=None, help="photo to edit (omit for synthetic editing: generate, then edit)")
+    edit = sub.add_parser("edit", parents=[common], help="edit a subject into a photo (or into a generated image)",
+                          description="Replace --original-subject in --image (DDIM-inverted) by the subject of --reference; "
+                                      "without --image, generate then edit. --out gets the source and the edit side by side.")
+    edit.add_argument("--model", required=True, help="converted directory, diffusers PyTorch directory, or Hub id")
+    edit.add_argument("--image", default=None, help="photo to edit (omit for synthetic editing)")
     edit.add_argument("--reference", required=True, help="reference image of the new subject")
     edit.add_argument("--subject", required=True, help="category word of the subject in --reference, e.g. skirt")
     edit.add_argument("--target-subject", default=None, help="category to render (default: --subject)")
-    edit.add_argument("--original-subject", required=True, help="word for what to replace in --image, e.g. dress")
+    edit.add_argument("--original-subject", required=True, help="word for what to replace, e.g. dress")
     edit.add_argument("--inversion-steps", type=int, default=None, help="DDIM inversion steps (default: --steps)")
-    edit.add_argument("--cross-replace-steps", type=float, default=0.8)
-    edit.add_argument("--self-replace-steps", type=float, default=0.4)
+    edit.add_argument("--cross-replace-steps", type=float, default=0.8, help="(default: %(default)s)")
+    edit.add_argument("--self-replace-steps", type=float, default=0.4, help="(default: %(default)s)")
     edit.add_argument("--lb-threshold", type=float, default=0.3, help="LocalBlend mask threshold (default: %(default)s)")
     edit.add_argument("--qformer-tokenizer", default=None, help="local BERT tokenizer folder (PyTorch directories only)")
 
-    demo = sub.add_parser("demo", parents=[common], help="offline check of the install with the embedded tiny RANDOM-weight model",
+    demo = sub.add_parser("demo", parents=[common, many], help="offline install check with the embedded tiny RANDOM-weight model",
                           description="Generate with the embedded tiny model. Its weights are random: the PNG is noise, "
                                       "which proves the install and the compiled pipeline work, not image quality.")
     demo.add_argument("--image", default=None, help="reference image (default: a synthetic picture)")
@@ -69,15 +81,81 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args) -> str:
+class _CompileClock:
+    """Sums the time JAX reports for tracing, lowering and compiling (cache hits included), so the CLI can
+    say how long compiling and sampling took."""
+
+    def __init__(self):
+        import jax
+
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event: str, duration: float, **kwargs):
+        if event.endswith(("backend_compile_duration", "jaxpr_trace_duration", "jaxpr_to_mlir_module_duration")):
+            self.seconds += duration
+
+
+def _setup_compile_cache(args):
+    import jax
+
+    if args.no_compile_cache:
+        return None
+    from .hub import cache_root
+
+    path = args.compile_cache or os.path.join(cache_root(), "jax-cache")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
+def _load(model: str, qformer_tokenizer=None, pipeline_class=None, **kwargs):
+    from .checkpoint import is_converted_directory
+    from .hub import is_hub_id
+    from .pipelines import FlaxBlipDiffusionPipeline
+
+    pipeline_class = pipeline_class or FlaxBlipDiffusionPipeline
+    if not os.path.isdir(model) and not is_hub_id(model):
+        raise FileNotFoundError(f"--model: no directory {model!r} (and not a Hub id like Salesforce/blipdiffusion)")
+    from_pt = os.path.isdir(model) and not is_converted_directory(model)
+    return pipeline_class.from_pretrained(model, from_pt=from_pt, qformer_tokenizer=qformer_tokenizer, **kwargs)
+
+
+def _metadata(args, index: int):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    fields = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "image_index": index,
+              "model": getattr(args, "model", "embedded tiny random-weight demo model"), "subject": args.subject,
+              "steps": args.steps, "guidance": args.guidance, "software": "blipdiff-jax"}
+    for key, value in fields.items():
+        info.add_text(key, str(value))
+    return info
+
+
+def _save(images, args, grid_rows: int = 1) -> str:
+    from .image_processing import image_grid
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    picture = images[0] if len(images) == 1 else image_grid(images, rows=grid_rows)
+    picture.save(args.out, pnginfo=_metadata(args, 0))
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for i, image in enumerate(images):
+            image.save(os.path.join(args.output_dir, f"{args.seed}-{i:03d}.png"), pnginfo=_metadata(args, i))
+    return args.out
+
+
+def _generate(args, clock) -> str:
     import jax
 
     from .pipelines import FlaxBlipDiffusionControlNetPipeline, FlaxBlipDiffusionPipeline
 
     started = time.perf_counter()
     call_extra = {}
-    if args.command == "edit":
-        return _edit(args, started)
+    if args.num_images < 1:
+        raise ValueError(f"--num-images={args.num_images} must be at least 1")
     if args.command == "demo":
         from . import tiny
 
@@ -87,30 +165,25 @@ def _run(args) -> str:
         image = args.image if args.image is not None else tiny.demo_reference_image()
         defaults = {"height": 64, "width": 64, "steps": 10}
     else:
-        from .checkpoint import is_converted_directory
-
-        if not os.path.isdir(args.model):
-            raise FileNotFoundError(f"--model: no directory {args.model!r}")
-        from_pt = not is_converted_directory(args.model)
-        kwargs = {"qformer_tokenizer": args.qformer_tokenizer} if from_pt else {}
         if args.canny is not None and args.control_image is None:
             raise ValueError("--canny: needs --control-image")
+        if args.controlnet is not None and args.control_image is None:
+            raise ValueError("--controlnet: needs --control-image")
         if args.control_image is not None:
             from .image_processing import canny
 
             control = args.control_image if args.canny is None else canny(args.control_image, *args.canny)
-            pipeline, params = FlaxBlipDiffusionControlNetPipeline.from_pretrained(
-                args.model, from_pt=from_pt, controlnet=args.controlnet, **kwargs)
+            pipeline, params = _load(args.model, args.qformer_tokenizer, FlaxBlipDiffusionControlNetPipeline,
+                                     controlnet=args.controlnet)
             call_extra = {"conditioning_image": control, "controlnet_conditioning_scale": args.controlnet_scale}
         else:
-            if args.controlnet is not None:
-                raise ValueError("--controlnet: needs --control-image")
             pipeline, params = _load(args.model, args.qformer_tokenizer)
         image = args.image
         defaults = {"height": 512, "width": 512, "steps": 50}
     loaded = time.perf_counter()
+    compiled_before = clock.seconds
     out = pipeline(
-        prompt=args.prompt,
+        prompt=[args.prompt] * args.num_images,
         reference_image=image,
         source_subject_category=args.subject,
         target_subject_category=args.target_subject or args.subject,
@@ -121,34 +194,25 @@ def _run(args) -> str:
         width=defaults["width"] if args.width is None else args.width,
         num_inference_steps=defaults["steps"] if args.steps is None else args.steps,
         neg_prompt=args.negative_prompt,
+        progress=True,
         **call_extra,
     )
-    done = time.perf_counter()
-    directory = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(directory, exist_ok=True)
-    out.images[0].save(args.out)
-    print(f"loaded in {loaded - started:.1f}s, compiled and sampled in {done - loaded:.1f}s")
-    return args.out
+    _report(started, loaded, time.perf_counter(), clock.seconds - compiled_before)
+    return _save(out.images, args)
 
 
-def _load(model: str, qformer_tokenizer=None):
-    from .checkpoint import is_converted_directory
-    from .pipelines import FlaxBlipDiffusionPipeline
-
-    if not os.path.isdir(model):
-        raise FileNotFoundError(f"--model: no directory {model!r}")
-    from_pt = not is_converted_directory(model)
-    kwargs = {"qformer_tokenizer": qformer_tokenizer} if from_pt else {}
-    return FlaxBlipDiffusionPipeline.from_pretrained(model, from_pt=from_pt, **kwargs)
+def _report(started, loaded, done, compiling):
+    print(f"loaded in {loaded - started:.1f}s; compiling {compiling:.1f}s, sampling {done - loaded - compiling:.1f}s")
 
 
-def _edit(args, started) -> str:
+def _edit(args, clock) -> str:
     import jax
-    from PIL import Image
 
+    started = time.perf_counter()
     pipeline, params = _load(args.model, args.qformer_tokenizer)
     steps = 50 if args.steps is None else args.steps
     loaded = time.perf_counter()
+    compiled_before = clock.seconds
     out = pipeline.edit(
         args.prompt, args.reference, args.subject, args.target_subject or args.subject, args.original_subject,
         image=args.image, params=params, prng_seed=jax.random.PRNGKey(args.seed), guidance_scale=args.guidance,
@@ -157,21 +221,19 @@ def _edit(args, started) -> str:
         lb_threshold=args.lb_threshold, neg_prompt=args.negative_prompt,
         height=512 if args.height is None else args.height, width=512 if args.width is None else args.width,
     )
-    done = time.perf_counter()
-    source, edited = out.images
-    pair = Image.new("RGB", (source.width * 2, source.height))
-    pair.paste(source, (0, 0))
-    pair.paste(edited, (source.width, 0))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    pair.save(args.out)
-    print(f"loaded in {loaded - started:.1f}s, compiled and edited in {done - loaded:.1f}s (left: source, right: edit)")
-    return args.out
+    _report(started, loaded, time.perf_counter(), clock.seconds - compiled_before)
+    print("left: source, right: edit")
+    return _save(out.images, args)
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        path = _run(args)
+        cache = _setup_compile_cache(args)
+        if cache:
+            print(f"compilation cache: {cache}")
+        clock = _CompileClock()
+        path = _edit(args, clock) if args.command == "edit" else _generate(args, clock)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
         print(f"blipdiff-jax: error: {err}", file=sys.stderr)
         return 2

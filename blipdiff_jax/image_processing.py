@@ -113,3 +113,18 @@ def canny(image, low_threshold: int = 100, high_threshold: int = 200) -> Image.I
     connected[0] = False
     edges = connected[labels]
     return Image.fromarray(np.repeat((edges * 255).astype(np.uint8)[..., None], 3, axis=-1))
+
+
+def image_grid(images, rows: int = 1, cols: int | None = None) -> Image.Image:
+    """Paste same-sized images into a rows x cols grid (cols derived from the count when not given)."""
+    images = list(images)
+    if not images:
+        raise ValueError("images: nothing to put in a grid")
+    cols = cols or -(-len(images) // rows)
+    if rows * cols < len(images):
+        raise ValueError(f"a {rows}x{cols} grid cannot hold {len(images)} images")
+    width, height = images[0].size
+    grid = Image.new("RGB", (cols * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * width, (i // cols) * height))
+    return grid

@@ -5,6 +5,8 @@ import os
 # Four fake CPU devices for the multi-device tests; must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Conversion and compilation caches of this test run, not the user's.
+os.environ["BLIPDIFF_JAX_CACHE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="blipdiff-jax-cache-"))
 
 import numpy as np
 import pytest

@@ -1,5 +1,7 @@
 """The `blipdiff-jax` CLI: the README's demo command and `generate` on a model directory."""
 
+import os
+
 import numpy as np
 import pytest
 from conftest import make_image, shared_image
@@ -86,3 +88,28 @@ def test_virtual_try_on_from_the_cli(torch_pipeline_dir, tmp_path):
                  "--reference", shared_image("green-skirt.png"), "--subject", "skirt", "--original-subject", "dress",
                  "--prompt", "", "--out", str(out), "--steps", "2", "--height", "16", "--width", "16"])
     assert code == 0 and out.exists()
+
+
+def test_several_images_grid_metadata_and_output_dir(tmp_path, capsys):
+    out, folder = tmp_path / "grid.png", tmp_path / "each"
+    assert main(["demo", "--out", str(out), "--steps", "2", "--height", "16", "--width", "16", "--num-images", "3",
+                 "--seed", "7", "--output-dir", str(folder), "--prompt", "on the moon"]) == 0
+    grid = Image.open(out)
+    assert grid.size == (48, 16)
+    assert grid.text["prompt"] == "on the moon" and grid.text["seed"] == "7" and "tiny" in grid.text["model"]
+    singles = sorted(os.listdir(folder))
+    assert singles == ["7-000.png", "7-001.png", "7-002.png"]
+    first = np.asarray(Image.open(folder / singles[0]))
+    np.testing.assert_array_equal(np.asarray(grid)[:, :16], first)
+    assert not np.array_equal(first, np.asarray(Image.open(folder / singles[1])))  # each from its own noise
+    printed = capsys.readouterr().out
+    assert "compiling" in printed and "sampling" in printed and "compilation cache" in printed
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("generate", "edit", "demo"):
+        assert command in text

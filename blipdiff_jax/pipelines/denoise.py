@@ -38,6 +38,7 @@ def denoise(
     combine_guidance: Callable | None = None,
     after_step: Callable | None = None,
     aux=None,
+    progress: Callable | None = None,
 ):
     """Run the reverse diffusion from `latents` (B, C, h, w), already scaled by the init noise sigma.
 
@@ -47,6 +48,8 @@ def denoise(
         collections it sows are handed to `after_step`.
     combine_guidance(uncond, cond, guidance_scale) -> noise, replacing plain classifier-free guidance.
     after_step(latents, aux, collections, step) -> (latents, aux): a latents hook (LocalBlend), with a carry.
+    progress(step): a host function told of each finished step (`jax.debug.callback`, unordered, so the
+        loop is not serialised on it).
     Returns the final latents (and the final `aux` when `after_step` is given).
     """
     stochastic = _accepts_key(scheduler)
@@ -76,6 +79,8 @@ def denoise(
         latents, state = scheduler.step(state, noise.astype(latents.dtype), t, latents, **kwargs).to_tuple()
         if after_step is not None:
             latents, aux = after_step(latents, aux, collections, step)
+        if progress is not None:
+            jax.debug.callback(progress, step)
         return latents, state, aux
 
     latents, _, aux = lax.fori_loop(0, num_inference_steps, body, (latents, scheduler_state, aux))

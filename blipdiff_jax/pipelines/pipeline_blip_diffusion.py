@@ -90,10 +90,11 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         self.size_multiple = self.latent_factor * 2 ** (len(self.unet.block_out_channels) - 1)
         self._encode_subject = jax.jit(self._encode_subject_fn)
         # One program per (shapes, steps, guidance on/off); `batch` leaves are split over devices by pmap.
-        self._generate_jit = jax.jit(self._generate, static_argnames=("num_inference_steps", "do_cfg"))
+        self._generate_jit = jax.jit(self._generate, static_argnames=("num_inference_steps", "do_cfg", "progress"))
         self._generate_pmap = jax.pmap(
-            self._generate, in_axes=(0, 0, None, None, None, None), static_broadcasted_argnums=(4, 5)
+            self._generate, in_axes=(0, 0, None, None, None, None, None), static_broadcasted_argnums=(4, 5, 6)
         )
+        self._progress_bar = None
 
     # ------------------------------------------------------------------ loading
 
@@ -107,12 +108,11 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         qformer_tokenizer: str | None = None,
         **kwargs,
     ):
-        """Returns `(pipeline, params)`. `path`: a converted directory (`python -m convert`), or with
-        `from_pt=True` a diffusers-layout PyTorch directory converted on the fly (needs torch only for `.bin`)."""
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a directory path, not {type(path).__name__}")
-        path = os.fspath(path)
-        if from_pt:
+        """Returns `(pipeline, params)`. `path`: a converted directory (`python -m convert`); with
+        `from_pt=True` a diffusers-layout PyTorch directory converted on the fly (needs torch only for `.bin`);
+        or a Hub id such as "Salesforce/blipdiffusion", downloaded, converted once and cached."""
+        path = cls._resolve(path, qformer_tokenizer)
+        if from_pt and not is_converted_directory(path):
             from convert.pytorch_dir import read_pytorch_directory
 
             model = read_pytorch_directory(path, qformer_tokenizer=qformer_tokenizer, **kwargs)
@@ -123,6 +123,15 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
                 raise ValueError(f"path: {path!r} is a PyTorch (diffusers) directory; pass from_pt=True or convert it first")
             model = load_converted(path)
         return cls.from_converted(model, dtype=dtype, scheduler=scheduler)
+
+    @staticmethod
+    def _resolve(path, qformer_tokenizer=None) -> str:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a directory path or a Hub id, not {type(path).__name__}")
+        path = os.fspath(path)
+        from ..hub import is_hub_id, resolve_hub_model
+
+        return resolve_hub_model(path, qformer_tokenizer=qformer_tokenizer) if is_hub_id(path) else path
 
     @classmethod
     def from_converted(cls, model: ConvertedModel, dtype=jnp.float32, scheduler=None):
@@ -203,7 +212,13 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
 
     # ------------------------------------------------------------------ the compiled program
 
-    def _generate(self, params, batch, scalars, rng, num_inference_steps, do_cfg):
+    def _on_step(self, step):
+        """Host side of the progress bar (called from inside the compiled loop; pmap calls it per device)."""
+        bar = self._progress_bar
+        if bar is not None and int(step) + 1 > bar.n:
+            bar.update(int(step) + 1 - bar.n)
+
+    def _generate(self, params, batch, scalars, rng, num_inference_steps, do_cfg, progress=False):
         """The whole generation as one traced function.
 
         batch: per-example arrays (split over devices): prompt_ids, uncond_ids, subject_embeds, latents and,
@@ -231,6 +246,7 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             do_classifier_free_guidance=do_cfg,
             rng=rng,
             unet_residuals=self._unet_residuals(params, batch, scalars, context, do_cfg),
+            progress=self._on_step if progress else None,
         )
         return decode_latents(self.vae, params["vae"], latents)
 
@@ -299,16 +315,18 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         jit: bool = False,
         subject_embeddings=None,
         mesh=None,
+        progress: bool = False,
     ):
         """Generate images of the reference subject. Arguments as diffusers' `BlipDiffusionPipeline.__call__`,
         plus `params`, `prng_seed`, `jit` (pmap over all devices, params replicated: diffusers' Flax
-        convention), `mesh` (a `jax.sharding.Mesh`: the batch is sharded over its first axis), and
-        `subject_embeddings` (from `encode_subject`, instead of a reference image)."""
+        convention), `mesh` (a `jax.sharding.Mesh`: the batch is sharded over its first axis),
+        `subject_embeddings` (from `encode_subject`, instead of a reference image) and `progress` (a
+        progress bar over the denoising steps, fed from inside the compiled loop)."""
         return self._call(**{k: v for k, v in locals().items() if k != "self"})
 
     def _call(self, prompt, reference_image, source_subject_category, target_subject_category, params, prng_seed,
               latents, guidance_scale, height, width, num_inference_steps, neg_prompt, prompt_strength, prompt_reps,
-              output_type, jit, subject_embeddings, mesh, prepare_extra=None):
+              output_type, jit, subject_embeddings, mesh, progress=False, prepare_extra=None):
         """Shared by every entry point: validates, encodes, then runs one compiled program.
         prepare_extra(batch_size) -> (extra batch arrays, extra scalars): a mode's own inputs, checked before
         anything compiles."""
@@ -356,16 +374,29 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         }
         scalars = {"guidance_scale": jnp.asarray(guidance_scale, jnp.float32), **extra_scalars}
         rng = jax.random.PRNGKey(0) if prng_seed is None else jnp.asarray(prng_seed).reshape(-1, 2)[0]
-        images = self._execute(params, batch_arrays, scalars, rng, int(num_inference_steps), guidance_scale > 1.0, jit, mesh, devices)
+        images = self._execute(params, batch_arrays, scalars, rng, int(num_inference_steps), guidance_scale > 1.0, jit,
+                               mesh, devices, bool(progress))
         return FlaxBlipDiffusionPipelineOutput(images=images if output_type == "np" else numpy_to_pil(images))
 
-    def _execute(self, params, batch, scalars, rng, num_inference_steps, do_cfg, jit, mesh, devices):
+    def _execute(self, params, batch, scalars, rng, num_inference_steps, do_cfg, jit, mesh, devices, progress=False):
         """Run the compiled program on one device, pmapped (`jit=True`) or sharded over a mesh."""
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._progress_bar = tqdm(total=num_inference_steps, desc="denoising", unit="step")
+        try:
+            return self._run_program(params, batch, scalars, rng, num_inference_steps, do_cfg, jit, mesh, devices, progress)
+        finally:
+            if self._progress_bar is not None:
+                self._progress_bar.close()
+                self._progress_bar = None
+
+    def _run_program(self, params, batch, scalars, rng, num_inference_steps, do_cfg, jit, mesh, devices, progress):
         size = batch["prompt_ids"].shape[0]
         if jit:
             # Host arrays: pmap splits them over the devices itself.
             sharded = {k: np.asarray(v).reshape((devices, size // devices) + v.shape[1:]) for k, v in batch.items()}
-            images = self._generate_pmap(params, sharded, scalars, rng, num_inference_steps, do_cfg)
+            images = self._generate_pmap(params, sharded, scalars, rng, num_inference_steps, do_cfg, progress)
             images = images.reshape((size,) + images.shape[2:])
         else:
             if mesh is not None:
@@ -373,8 +404,11 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
 
                 batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])))
                 params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-            images = self._generate_jit(params, batch, scalars, rng, num_inference_steps=num_inference_steps, do_cfg=do_cfg)
-        return np.asarray(jax.device_get(images), dtype=np.float32)
+            images = self._generate_jit(params, batch, scalars, rng, num_inference_steps=num_inference_steps,
+                                        do_cfg=do_cfg, progress=progress)
+        images = np.asarray(jax.device_get(images), dtype=np.float32)
+        jax.effects_barrier()  # every progress callback has run
+        return images
 
     def _unreplicated(self, params):
         leaf = params["unet"]["conv_in"]["kernel"]

@@ -29,12 +29,13 @@ class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
                         qformer_tokenizer=None, controlnet: str | None = None, **kwargs):
         """`path` with a `controlnet/` folder (like the Hub's `Salesforce/blipdiffusion-controlnet`), or a base
         model plus `controlnet=PATH`, any SD 1.5 ControlNet directory in diffusers' PyTorch layout."""
-        if from_pt:
+        path = cls._resolve(path, qformer_tokenizer)
+        from ..checkpoint import is_converted_directory, load_converted
+
+        if from_pt and not is_converted_directory(path):
             return super().from_pretrained(path, from_pt=True, dtype=dtype, scheduler=scheduler,
                                            qformer_tokenizer=qformer_tokenizer, controlnet=controlnet, **kwargs)
-        from ..checkpoint import load_converted
-
-        if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        if not os.path.isdir(path):
             raise FileNotFoundError(f"path: model directory {path!r} does not exist")
         model = load_converted(os.fspath(path))
         if controlnet is not None:
@@ -85,6 +86,7 @@ class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
         mesh=None,
         controlnet_conditioning_scale: float = 1.0,
         condtioning_image=None,
+        progress: bool = False,
     ):
         """As `FlaxBlipDiffusionPipeline.__call__`, plus `conditioning_image` (one map for the batch or one per
         prompt; diffusers' spelling `condtioning_image` is accepted too) and `controlnet_conditioning_scale`."""
@@ -109,4 +111,4 @@ class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
         return self._call(prompt, reference_image, source_subject_category, target_subject_category, params,
                           prng_seed, latents, guidance_scale, height, width, num_inference_steps, neg_prompt,
                           prompt_strength, prompt_reps, output_type, jit, subject_embeddings, mesh,
-                          prepare_extra=prepare_control)
+                          progress=progress, prepare_extra=prepare_control)
