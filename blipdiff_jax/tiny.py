@@ -114,6 +114,21 @@ def unet_config() -> dict:
     }
 
 
+def controlnet_config() -> dict:
+    """A ControlNet for the tiny UNet (diffusers' `ControlNetModel.from_unet` with a 2x conditioning embedding,
+    matching the tiny VAE's factor)."""
+    unet = unet_config()
+    return {
+        "in_channels": unet["in_channels"],
+        "block_out_channels": unet["block_out_channels"],
+        "down_block_types": unet["down_block_types"],
+        "layers_per_block": unet["layers_per_block"],
+        "attention_head_dim": unet["attention_head_dim"],
+        "cross_attention_dim": unet["cross_attention_dim"],
+        "conditioning_embedding_out_channels": [16, 16],
+    }
+
+
 def vae_config() -> dict:
     return {
         "sample_size": 32,
@@ -155,8 +170,9 @@ def image_processor_config(image_size: int = 64) -> dict:
     }
 
 
-def build_tiny_model(workdir: str, seed: int = 0):
-    """The embedded demo model: tiny configs, RANDOM weights (seeded), offline tokenizers.
+def build_tiny_model(workdir: str, seed: int = 0, controlnet: bool = False):
+    """The embedded demo model: tiny configs, RANDOM weights (seeded), offline tokenizers; with a tiny
+    ControlNet when `controlnet=True`.
 
     Returns a `ConvertedModel`; its images are noise-like by construction, it only proves the install works.
     """
@@ -174,8 +190,10 @@ def build_tiny_model(workdir: str, seed: int = 0):
         "scheduler": scheduler_config(),
         "image_processor": image_processor_config(),
     }
+    if controlnet:
+        configs["controlnet"] = controlnet_config()
     params = {}
-    for offset, name in enumerate(("qformer", "text_encoder", "unet", "vae")):
+    for offset, name in enumerate(("qformer", "text_encoder", "unet", "vae") + (("controlnet",) if controlnet else ())):
         shapes = components.param_shapes(name, components.build_model(name, configs[name]))
         params[name] = random_params(shapes, seed + offset)
     bert = BertTokenizer.from_pretrained(bert_dir)
