@@ -14,15 +14,22 @@ import tempfile
 import time
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line and exit status 2, like every other CLI error here."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="blipdiff-jax",
         description="BLIP-Diffusion in JAX: images of a subject from one reference photo, guided by a prompt.",
         epilog="Run `blipdiff-jax COMMAND --help` for the options of each command.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _OneLineParser(add_help=False)
     look = common.add_argument_group("what to make")
     look.add_argument("--prompt", default="on the beach", help="what the subject does or where it is (default: %(default)r)")
     look.add_argument("--negative-prompt", default="", help="what to steer away from")
@@ -39,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="JAX persistent compilation cache (default: $BLIPDIFF_JAX_CACHE/jax-cache, ~/.cache/blipdiff-jax/jax-cache)")
     run.add_argument("--no-compile-cache", action="store_true", help="compile from scratch every run")
 
-    many = argparse.ArgumentParser(add_help=False)
+    many = _OneLineParser(add_help=False)
     many.add_argument("--num-images", type=int, default=1, help="images to make, each from its own noise (default: 1)")
 
     gen = sub.add_parser("generate", parents=[common, many], help="generate an image of a subject from a reference photo",

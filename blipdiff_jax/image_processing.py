@@ -33,7 +33,21 @@ def load_image(image, argname: str) -> Image.Image:
         raise TypeError(f"{argname} must be a PIL image, a numpy array or a file path, not {type(image).__name__}")
     if image.width < 1 or image.height < 1:
         raise ValueError(f"{argname}: the image is empty ({image.width}x{image.height})")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _high_depth_to_l(image, argname)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _high_depth_to_l(image: Image.Image, argname: str) -> Image.Image:
+    """16/32-bit integer and float images to 8-bit grey (PIL's own conversion clips them at 255)."""
+    array = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{argname}: the image holds NaN or inf")
+    if image.mode == "F" and array.max(initial=0) <= 1.0 and array.min(initial=0) >= 0.0:
+        array = array * 255.0  # float images in [0, 1]
+    elif image.mode != "F" or array.max(initial=0) > 255.0:
+        array = array / 257.0  # 16-bit range (65535 -> 255)
+    return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), mode="L")
 
 
 def _array_to_pil(array: np.ndarray, argname: str) -> Image.Image:

@@ -7,11 +7,12 @@ Everything here is traced once per shape; nothing is Python state.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .attention_control import CONTROL_COLLECTION
@@ -50,7 +51,8 @@ def denoise(
     after_step(latents, aux, collections, step) -> (latents, aux): a latents hook (LocalBlend), with a carry.
     progress(step): a host function told of each finished step (`jax.debug.callback`, unordered, so the
         loop is not serialised on it).
-    Returns the final latents (and the final `aux` when `after_step` is given).
+    Returns `Denoised(latents, aux, first_nonfinite_step)`: the step at which the latents first held NaN or
+    inf (-1 when none did), so a broken model is reported instead of decoding to a black image.
     """
     stochastic = _accepts_key(scheduler)
     rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -65,7 +67,7 @@ def denoise(
         return out.sample, collections
 
     def body(step, carry):
-        latents, state, aux = carry
+        latents, state, aux, bad_step = carry
         t = state.timesteps[step]
         latent_input = jnp.concatenate([latents, latents]) if do_classifier_free_guidance else latents
         latent_input = scheduler.scale_model_input(state, latent_input, t)
@@ -81,10 +83,34 @@ def denoise(
             latents, aux = after_step(latents, aux, collections, step)
         if progress is not None:
             jax.debug.callback(progress, step)
-        return latents, state, aux
+        bad_step = jnp.where((bad_step < 0) & ~jnp.all(jnp.isfinite(latents)), step, bad_step)
+        return latents, state, aux, bad_step
 
-    latents, _, aux = lax.fori_loop(0, num_inference_steps, body, (latents, scheduler_state, aux))
-    return (latents, aux) if after_step is not None else latents
+    carry = (latents, scheduler_state, aux, jnp.array(-1, jnp.int32))
+    latents, _, aux, bad_step = lax.fori_loop(0, num_inference_steps, body, carry)
+    return Denoised(latents, aux, bad_step)
+
+
+class Denoised(NamedTuple):
+    latents: jax.Array
+    aux: object
+    first_nonfinite_step: jax.Array
+
+
+def check_finite(result: dict, num_steps: int) -> None:
+    """Raise `FloatingPointError` naming the component (and step) whose output held NaN or inf.
+    `result`: a compiled program's host output with images, context_finite and first_nonfinite_step."""
+    if not bool(np.all(result["context_finite"])):
+        raise FloatingPointError("non-finite values in the text encoder output (check the text encoder weights)")
+    steps = np.asarray(result["first_nonfinite_step"]).reshape(-1)
+    bad = steps[steps >= 0]
+    if bad.size:
+        raise FloatingPointError(
+            f"non-finite latents after denoising step {int(bad.min())} of {num_steps} (UNet or scheduler output; "
+            f"with bf16/fp16 weights try float32)"
+        )
+    if not bool(np.all(np.isfinite(np.asarray(result["images"])))):
+        raise FloatingPointError("non-finite values in the VAE decoder output")
 
 
 def decode_latents(vae, vae_params, latents):

@@ -27,7 +27,7 @@ from .attention_control import (
     replacement_mapper,
     schedule_arrays,
 )
-from .denoise import decode_latents, denoise
+from .denoise import check_finite, decode_latents, denoise
 from .inputs import as_list
 
 # LAVIS builds its DDIM scheduler (inversion, real-image edits) from Stable Diffusion 1.5's scheduler config.
@@ -168,7 +168,7 @@ class EditingMixin:
             blend_sum = blend_sum + collected_blend_map(collections)
             return local_blend(latents, blend_sum, static, arrays["lb_threshold"]), blend_sum
 
-        latents, _ = denoise(
+        result = denoise(
             unet=self.unet, unet_params=params["unet"], scheduler=scheduler, scheduler_state=state,
             latents=latents, context=context, guidance_scale=guidance_scale,
             # Every timestep the scheduler lists: PNDM lists one more than asked (its last step is a no-op on
@@ -177,7 +177,8 @@ class EditingMixin:
             attention_control=lambda step: make_interceptor(static, arrays, step, guided=do_cfg),
             combine_guidance=combine, after_step=after_step, aux=jnp.zeros((static.control_pixels,), latents.dtype),
         )
-        return decode_latents(self.vae, params["vae"], latents)
+        return {"images": decode_latents(self.vae, params["vae"], result.latents), "context_finite": jnp.all(jnp.isfinite(context)),
+                "first_nonfinite_step": result.first_nonfinite_step}
 
     def _invert_program(self, params, scheduler_state, image, ids, num_inference_steps):
         """VAE posterior mean of `image`, then DDIM inversion (LAVIS `_ddim_inverse`, guidance 1)."""
@@ -302,6 +303,8 @@ class EditingMixin:
             jnp.asarray(guidance_scale, jnp.float32), num_inference_steps=int(num_inference_steps),
             do_cfg=guidance_scale > 1.0, static=static, real_image=real_image,
         )
-        images = np.asarray(jax.device_get(images), dtype=np.float32)
+        result = jax.device_get(images)
+        images = np.asarray(result["images"], dtype=np.float32)
+        check_finite(result, int(num_inference_steps))
         return FlaxBlipDiffusionPipelineOutput(images=images if output_type == "np" else numpy_to_pil(images))
 

@@ -22,7 +22,7 @@ from .. import components
 from .._quiet import silence_flax_deprecation
 from ..checkpoint import ConvertedModel, is_converted_directory, load_converted
 from ..image_processing import numpy_to_pil, preprocess_reference
-from .denoise import decode_latents, denoise
+from .denoise import check_finite, decode_latents, denoise
 from .editing import EditingMixin
 from .inputs import as_list as _as_list
 from .inputs import broadcast as _broadcast
@@ -173,7 +173,9 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             if not np.all(np.isfinite(ratio)) or abs(ratio.sum() - 1.0) > 1e-6:
                 raise ValueError(f"ratio must be finite weights that sum to 1, got {ratio.tolist()}")
         pixels = preprocess_reference(images, self.reference_size, self.mean, self.std)
-        tokens = self.qformer_tokenizer(categories, padding=True, return_tensors="np")
+        # Padded to a multiple of 8 so category words of similar length share one compiled program; the extra
+        # positions are masked, which leaves the embeddings as diffusers' longest-padding gives them.
+        tokens = self.qformer_tokenizer(categories, padding=True, pad_to_multiple_of=8, return_tensors="np")
         qformer_params = params["qformer"] if "qformer" in params else params
         embeddings = self._encode_subject(
             qformer_params, tokens.input_ids.astype(np.int32), tokens.attention_mask.astype(np.int32), jnp.asarray(pixels, self.dtype)
@@ -200,15 +202,19 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         ).input_ids
         return ids.astype(np.int32), uncond.astype(np.int32)
 
-    def _warn_if_truncated(self, first_repetitions: list[str]):
+    def _over_budget(self, first_repetitions: list[str]) -> bool:
+        """Warn about prompts whose first repetition alone exceeds the token budget; True if any does."""
         budget = self.max_text_length - self.num_query_tokens
+        over = False
         for text in first_repetitions:
-            if len(self.tokenizer(text).input_ids) > budget:
+            if len(self.tokenizer(text[: 64 * budget]).input_ids) > budget:  # no token spans 64 characters
+                over = True
                 warnings.warn(
                     f"The prompt {text[:60]!r}... is longer than the {budget}-token budget "
                     f"(77 - {self.num_query_tokens} subject tokens) and is truncated",
                     stacklevel=3,
                 )
+        return over
 
     # ------------------------------------------------------------------ the compiled program
 
@@ -234,7 +240,7 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         latents = batch["latents"]
         state = self.scheduler.set_timesteps(params["scheduler"], num_inference_steps=num_inference_steps, shape=latents.shape)
         latents = latents * state.init_noise_sigma
-        latents = denoise(
+        result = denoise(
             unet=self.unet,
             unet_params=params["unet"],
             scheduler=self.scheduler,
@@ -248,7 +254,9 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             unet_residuals=self._unet_residuals(params, batch, scalars, context, do_cfg),
             progress=self._on_step if progress else None,
         )
-        return decode_latents(self.vae, params["vae"], latents)
+        images = decode_latents(self.vae, params["vae"], result.latents)
+        return {"images": images, "context_finite": jnp.all(jnp.isfinite(context)),
+                "first_nonfinite_step": result.first_nonfinite_step}
 
     def _unet_residuals(self, params, batch, scalars, context, do_cfg):
         """Extra UNet inputs per step; the zero-shot pipeline has none (ControlNet overrides this)."""
@@ -363,7 +371,8 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             raise ValueError(f"subject_embeddings holds {subject_embeddings.shape[0]} subjects for {batch} prompts")
         subject_embeddings = jnp.broadcast_to(subject_embeddings, (batch,) + expected)
 
-        self._warn_if_truncated([f"a {t} {p.strip()}" for p, t in zip(prompts, targets)])
+        if self._over_budget([f"a {t} {p.strip()}" for p, t in zip(prompts, targets)]):
+            prompt_reps, prompt_strength = 1, 1.0  # repeating cannot change what is kept: skip tokenizing copies
         prompt_ids, uncond_ids = self.prepare_inputs(self.build_prompts(prompts, targets, prompt_strength, prompt_reps), neg_prompts)
         batch_arrays = {
             "prompt_ids": prompt_ids,
@@ -396,18 +405,20 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         if jit:
             # Host arrays: pmap splits them over the devices itself.
             sharded = {k: np.asarray(v).reshape((devices, size // devices) + v.shape[1:]) for k, v in batch.items()}
-            images = self._generate_pmap(params, sharded, scalars, rng, num_inference_steps, do_cfg, progress)
-            images = images.reshape((size,) + images.shape[2:])
+            result = self._generate_pmap(params, sharded, scalars, rng, num_inference_steps, do_cfg, progress)
+            result["images"] = result["images"].reshape((size,) + result["images"].shape[2:])
         else:
             if mesh is not None:
                 from jax.sharding import NamedSharding, PartitionSpec
 
                 batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])))
                 params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-            images = self._generate_jit(params, batch, scalars, rng, num_inference_steps=num_inference_steps,
+            result = self._generate_jit(params, batch, scalars, rng, num_inference_steps=num_inference_steps,
                                         do_cfg=do_cfg, progress=progress)
-        images = np.asarray(jax.device_get(images), dtype=np.float32)
+        result = jax.device_get(result)
         jax.effects_barrier()  # every progress callback has run
+        images = np.asarray(result["images"], dtype=np.float32)
+        check_finite(result, num_inference_steps)
         return images
 
     def _unreplicated(self, params):

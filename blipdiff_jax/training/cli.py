@@ -1,0 +1,81 @@
+"""`blipdiff-jax finetune`: subject fine-tuning from the command line.
+
+    blipdiff-jax finetune --model DIR --images dog/ --subject dog --out dog-model [--steps 40] [--batch-size 3]
+
+Importing this module does not import jax (the main CLI builds its parser from it).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+# CLI flag of each FinetuneConfig field, so errors name what the user typed.
+FLAGS = {field: "--" + field.replace("_", "-") for field in (
+    "images", "subject", "out", "steps", "batch_size", "learning_rate", "weight_decay", "resolution",
+    "train_text_encoder", "checkpoint_every", "resume", "seed", "preview_every", "preview_prompt", "preview_steps",
+    "compute_dtype", "remat", "devices")}
+
+
+def add_finetune_parser(subparsers):
+    p = subparsers.add_parser(
+        "finetune", help="fine-tune a model on a few images of one subject (LAVIS subject fine-tuning)",
+        description="Fine-tune the UNet (and optionally the text encoder) and the subject embeddings on the images "
+                    "of --images, all showing --subject. --out becomes a model directory (load it with "
+                    "FlaxBlipDiffusionPipeline.from_pretrained(OUT)) that also holds checkpoints/, loss.jsonl and "
+                    "previews/.")
+    p.add_argument("--model", required=True, help="converted directory (python -m convert) or a diffusers PyTorch directory")
+    p.add_argument("--images", required=True, help="folder of images of the subject (other files are skipped)")
+    p.add_argument("--subject", required=True, help="category word of the subject, e.g. dog")
+    p.add_argument("--out", required=True, help="output directory (new, or an earlier run's with --resume)")
+    p.add_argument("--steps", type=int, default=40, help="training steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=3, help="images per step (default: %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=5e-6, help="AdamW learning rate, constant (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=512, help="training image size in pixels (default: %(default)s)")
+    p.add_argument("--train-text-encoder", action="store_true", help="also train the CLIP text encoder")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps (default: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--seed", type=int, default=42, help="seed of the data order, noise and timesteps (default: %(default)s)")
+    p.add_argument("--preview-every", type=int, default=0, help="write OUT/previews/step-XXXX.png every N steps (default: never)")
+    p.add_argument("--preview-prompt", default="", help="prompt of the previews, after 'a SUBJECT' (default: none)")
+    p.add_argument("--preview-steps", type=int, default=25, help="denoising steps of a preview (default: %(default)s)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute precision; weights stay float32 (default: %(default)s)")
+    p.add_argument("--remat", action="store_true", help="recompute UNet block activations in the backward pass (less memory)")
+    p.add_argument("--devices", type=int, default=None, help="data-parallel devices (default: as many as divide --batch-size)")
+    p.add_argument("--qformer-tokenizer", default=None, help="local BERT tokenizer folder (PyTorch directories only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run_finetune(args) -> str:
+    """Fine-tune as `args` says; returns OUT. Bad arguments raise ValueError/TypeError/FileNotFoundError naming the flag."""
+    import jax.numpy as jnp
+
+    from ..checkpoint import is_converted_directory, load_converted
+    from .data import list_images
+    from .trainer import FinetuneConfig, SubjectFinetuner
+
+    config = FinetuneConfig(
+        images=args.images, subject=args.subject, out=args.out, steps=args.steps, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay, resolution=args.resolution,
+        train_text_encoder=args.train_text_encoder, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        seed=args.seed, preview_every=args.preview_every, preview_prompt=args.preview_prompt,
+        preview_steps=args.preview_steps, compute_dtype=getattr(jnp, args.compute_dtype), remat=args.remat,
+        devices=args.devices, progress=not args.quiet)
+    config.validate(FLAGS)
+    with warnings.catch_warnings():  # fail before loading the model; the trainer warns about skipped files
+        warnings.simplefilter("ignore")
+        list_images(args.images, "--images")
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model: no directory {args.model!r}")
+    if is_converted_directory(args.model):
+        model = load_converted(args.model)
+    else:
+        from convert.pytorch_dir import read_pytorch_directory
+
+        model = read_pytorch_directory(args.model, qformer_tokenizer=args.qformer_tokenizer)
+    out = SubjectFinetuner(model, config, names=FLAGS).train()
+    print(f"fine-tuned model in {out}: FlaxBlipDiffusionPipeline.from_pretrained({out!r})")
+    return out

@@ -1,0 +1,377 @@
+"""Subject fine-tuning (LAVIS `finetune-db-*.yaml`): a few images of one subject teach the UNet (and
+optionally the text encoder) and the subject embeddings that subject.
+
+    trainer = SubjectFinetuner(model, FinetuneConfig(images="dog/", subject="dog", out="dog-model"))
+    trainer.train()       # then FlaxBlipDiffusionPipeline.from_pretrained("dog-model")
+
+What is trained follows LAVIS `BlipDiffusion.before_training`: the subject embeddings start as the mean
+over all subject images of the Q-Former output and are then cached as an `nn.Parameter(requires_grad=True)`
+that the optimizer (built after `before_training`) updates, so here too they are a trained parameter.
+The UNet is trained, the text encoder only with `train_text_encoder`, the Q-Former and the VAE are frozen
+(they are not passed to the optimizer at all). AdamW, constant learning rate; as LAVIS's
+`get_optimizer_params`, weight decay applies to parameters with 2 or more dimensions (the subject embeddings
+included) and not to biases and norm scales.
+
+Layout of OUT:
+    model_index.json, params/, unet/, ... , subject_embeddings.npy   the exported model (at the end)
+    checkpoints/<step>/      orbax: trained params, optimizer state, RNG key, step (atomic)
+    previews/step-XXXX.png   optional previews
+    loss.jsonl               {"step", "loss", "time"} per step ("time": Unix seconds)
+    training_config.json     the settings a resumed run must share
+
+Every step's randomness (VAE posterior sample, noise, timesteps) comes from `fold_in(PRNGKey(seed), step)`
+and its images from `data.batch_indices(seed, step, ...)`, so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..checkpoint import ConvertedModel
+from . import data
+from .export import write_converted_into
+from .loss import DiffusionLoss
+
+CHECKPOINTS, PREVIEWS, LOSS_LOG, CONFIG_FILE = "checkpoints", "previews", "loss.jsonl", "training_config.json"
+# Settings that must match when resuming (the rest may change, e.g. more steps).
+RESUME_KEYS = ("images", "subject", "resolution", "batch_size", "learning_rate", "weight_decay",
+               "train_text_encoder", "seed")
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    images: str
+    subject: str
+    out: str
+    steps: int = 40
+    batch_size: int = 3
+    learning_rate: float = 5e-6
+    weight_decay: float = 0.01
+    resolution: int = 512
+    train_text_encoder: bool = False
+    checkpoint_every: int = 0  # 0: only after the last step
+    resume: bool = False
+    seed: int = 42
+    preview_every: int = 0  # 0: no previews
+    preview_prompt: str = ""
+    preview_steps: int = 25
+    compute_dtype: object = jnp.float32  # jnp.bfloat16: bf16 compute, fp32 master weights
+    remat: bool = False  # recompute each UNet block's activations in the backward pass
+    devices: int | None = None  # data-parallel over this many devices (None: as many as divide batch_size)
+    progress: bool = True
+
+    def validate(self, names: dict | None = None) -> None:
+        """Type and range checks; errors name the setting (as `names` maps it, e.g. to CLI flags)."""
+        name = lambda field: (names or {}).get(field, field)  # noqa: E731
+        for field in ("images", "subject", "out", "preview_prompt"):
+            if not isinstance(getattr(self, field), (str, os.PathLike)):
+                raise TypeError(f"{name(field)} must be a string, not {type(getattr(self, field)).__name__}")
+        minimum = {"steps": 1, "batch_size": 1, "resolution": 8, "checkpoint_every": 0, "preview_every": 0,
+                   "preview_steps": 1, "seed": 0}
+        for field, low in minimum.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name(field)} must be an int, not {type(value).__name__}")
+            if value < low:
+                raise ValueError(f"{name(field)}={value} must be at least {low}")
+        if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1):
+            raise ValueError(f"{name('devices')}={self.devices!r} must be a positive int or None")
+        for field, positive in (("learning_rate", True), ("weight_decay", False)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise TypeError(f"{name(field)} must be a number, not {type(value).__name__}")
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise ValueError(f"{name(field)}={value} must be a finite number {'> 0' if positive else '>= 0'}")
+        if jnp.dtype(self.compute_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"{name('compute_dtype')}={self.compute_dtype!r} must be float32, bfloat16 or float16")
+        data.normalize_subject(self.subject, name("subject"))
+
+    def resume_settings(self) -> dict:
+        settings = {k: getattr(self, k) for k in RESUME_KEYS}
+        settings["images"] = os.path.abspath(self.images)
+        settings["subject"] = data.normalize_subject(self.subject)
+        return settings
+
+
+def make_optimizer(learning_rate: float, weight_decay: float):
+    """torch.optim.AdamW's defaults (betas 0.9/0.999, eps 1e-8, decoupled decay scaled by the learning rate);
+    decay only on parameters with ndim >= 2, as LAVIS's `get_optimizer_params`."""
+    return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
+                       mask=lambda params: jax.tree_util.tree_map(lambda x: x.ndim >= 2, params))
+
+
+def make_train_step(loss: DiffusionLoss, optimizer):
+    """One jitted step: draw (latents, noise, timesteps) from `key`, value_and_grad of the loss, AdamW update."""
+
+    def step(trainable, opt_state, frozen, pixels, input_ids, key):
+        latents, noise, timesteps = loss.sample_inputs(frozen["vae"], pixels, key)
+        value, grads = jax.value_and_grad(loss)(trainable, frozen, latents, noise, timesteps, input_ids)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, value
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+_STEP_CACHE: dict = {}  # one compiled step per model configuration and settings (trainers of the same model share it)
+
+
+def cached_train_step(configs: dict, ctx_begin_pos: int, compute_dtype, remat: bool, learning_rate: float, weight_decay: float):
+    """(loss, optimizer, jitted step), shared by every trainer with the same model configs and settings, so a
+    resumed or repeated run in the same process does not compile again."""
+    key = json.dumps([{k: configs[k] for k in ("unet", "text_encoder", "vae", "scheduler")}, int(ctx_begin_pos),
+                      jnp.dtype(compute_dtype).name, bool(remat), float(learning_rate), float(weight_decay)],
+                     sort_keys=True, default=str)
+    if key not in _STEP_CACHE:
+        loss = DiffusionLoss(configs, ctx_begin_pos, compute_dtype, remat)
+        optimizer = make_optimizer(learning_rate, weight_decay)
+        if len(_STEP_CACHE) >= 4:
+            _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+        _STEP_CACHE[key] = (loss, optimizer, make_train_step(loss, optimizer))
+    return _STEP_CACHE[key]
+
+
+def step_key(base_key, step: int):
+    return jax.random.fold_in(base_key, step)
+
+
+def _choose_devices(requested: int | None, batch_size: int) -> int:
+    available = len(jax.devices())
+    if requested is not None:
+        if requested > available:
+            raise ValueError(f"devices={requested}: only {available} available")
+        if batch_size % requested:
+            raise ValueError(f"batch_size={batch_size} cannot be split evenly over devices={requested}")
+        return requested
+    return max(d for d in range(1, min(available, batch_size) + 1) if batch_size % d == 0)
+
+
+class SubjectFinetuner:
+    """Fine-tunes `model` (a `ConvertedModel`) on the images of `config.images`. `pipeline`: an already built
+    `FlaxBlipDiffusionPipeline` of the same model (saves compiling the Q-Former again)."""
+
+    def __init__(self, model: ConvertedModel, config: FinetuneConfig, pipeline=None, names: dict | None = None):
+        from ..pipelines import FlaxBlipDiffusionPipeline
+
+        config.validate(names)
+        self.model, self.config = model, config
+        self.names = names or {}
+        self.subject = data.normalize_subject(config.subject)
+        self.paths = data.list_images(config.images, self._name("images"))
+        self.pipeline = pipeline if pipeline is not None else FlaxBlipDiffusionPipeline.from_converted(model)[0]
+        vae_factor = 2 ** (len(model.configs["vae"]["block_out_channels"]) - 1)
+        multiple = vae_factor * 2 ** (len(model.configs["unet"]["block_out_channels"]) - 1)
+        if config.resolution % multiple:
+            raise ValueError(f"{self._name('resolution')}={config.resolution} must be a multiple of {multiple} for this model")
+        self.out = os.path.abspath(config.out)
+        self.loss, self.optimizer, self.train_step = cached_train_step(
+            model.configs, self.pipeline.ctx_begin_pos, config.compute_dtype, config.remat,
+            float(config.learning_rate), float(config.weight_decay))
+        budget = self.pipeline.max_text_length - self.pipeline.num_query_tokens
+        # LAVIS tokenizes the caption without padding and without prompt repetition at training time.
+        self.input_ids = self.pipeline.tokenizer([data.caption(self.subject)], padding="do_not_pad", truncation=True,
+                                                 max_length=budget, return_tensors="np").input_ids.astype(np.int32)
+        self.num_devices = _choose_devices(config.devices, config.batch_size)
+        self.mesh = None
+        if self.num_devices > 1:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+            self.mesh = Mesh(np.array(jax.devices()[: self.num_devices]), ("data",))
+            self._shardings = (NamedSharding(self.mesh, PartitionSpec()), NamedSharding(self.mesh, PartitionSpec("data")))
+        else:
+            from jax.sharding import SingleDeviceSharding
+
+            self._shardings = (SingleDeviceSharding(jax.devices()[0]),) * 2
+        self.targets = None  # loaded on first use
+
+    def _name(self, field: str) -> str:
+        return self.names.get(field, field)
+
+    # ------------------------------------------------------------------ state
+
+    def subject_embeddings(self, chunk: int = 8) -> np.ndarray:
+        """(1, Q, D): mean of the Q-Former subject embeddings over all subject images (LAVIS `before_training`)."""
+        total = None
+        for start in range(0, len(self.paths), chunk):
+            paths = self.paths[start : start + chunk]
+            emb = np.asarray(self.pipeline.encode_subject(paths, [self.subject] * len(paths), self.model.params), np.float64)
+            total = emb.sum(0) if total is None else total + emb.sum(0)
+        return (total / len(self.paths))[None].astype(np.float32)
+
+    def initial_trainable(self, subject_embeddings=None) -> dict:
+        params = self.model.params
+        emb = self.subject_embeddings() if subject_embeddings is None else np.asarray(subject_embeddings, np.float32)
+        trainable = {"unet": params["unet"], "subject_embeddings": emb}
+        if self.config.train_text_encoder:
+            trainable["text_encoder"] = params["text_encoder"]
+        return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+
+    def frozen(self) -> dict:
+        names = ("vae",) if self.config.train_text_encoder else ("vae", "text_encoder")
+        return {k: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), self.model.params[k]) for k in names}
+
+    def _replicate(self, tree):
+        # Always committed to an explicit sharding: restored checkpoints are, and the compiled step must match.
+        return jax.device_put(tree, self._shardings[0])
+
+    def _shard_batch(self, array):
+        return jax.device_put(array, self._shardings[1])
+
+    def batch(self, step: int) -> np.ndarray:
+        if self.targets is None:
+            self.targets = data.load_targets(self.paths, self.config.resolution, self._name("images"))
+        return self.targets[data.batch_indices(self.config.seed, step, self.config.batch_size, len(self.paths))]
+
+    # ------------------------------------------------------------------ output folder
+
+    def _path(self, *parts) -> str:
+        return os.path.join(self.out, *parts)
+
+    def _prepare_out(self) -> None:
+        settings = self.config.resume_settings()
+        config_file = self._path(CONFIG_FILE)
+        if self.config.resume:
+            if not os.path.isfile(config_file):
+                raise ValueError(f"{self._name('resume')}: {self.out} holds no fine-tuning run ({CONFIG_FILE} is missing)")
+            with open(config_file) as f:
+                stored = json.load(f)
+            for key in RESUME_KEYS:
+                if stored.get(key) != settings[key]:
+                    raise ValueError(f"{self._name(key)}={settings[key]!r} differs from the run being resumed "
+                                     f"({stored.get(key)!r}); resume with the same settings")
+            return
+        if os.path.exists(self.out) and (not os.path.isdir(self.out) or os.listdir(self.out)):
+            raise FileExistsError(f"{self._name('out')}: {self.out} already exists and is not empty; pass resume to "
+                                  "continue its run or choose a new directory")
+        os.makedirs(self.out, exist_ok=True)
+        with open(config_file, "w") as f:
+            json.dump(settings, f, indent=2, sort_keys=True)
+
+    def checkpoint_manager(self):
+        import orbax.checkpoint as ocp
+
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+        return ocp.CheckpointManager(self._path(CHECKPOINTS), options=options)
+
+    @staticmethod
+    def _save(manager, step: int, trainable, opt_state, rng) -> None:
+        import orbax.checkpoint as ocp
+
+        state = {"trainable": trainable, "opt_state": opt_state, "rng": rng}
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step})))
+
+    @staticmethod
+    def _restore(manager, trainable, opt_state, rng):
+        import orbax.checkpoint as ocp
+
+        step = manager.latest_step()
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        state = restored["state"]
+        return int(restored["meta"]["step"]), state["trainable"], state["opt_state"], state["rng"]
+
+    def _trim_loss_log(self, step: int) -> None:
+        """Keep the log lines of steps up to the restored one (later ones were lost with the interrupted run)."""
+        path = self._path(LOSS_LOG)
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
+
+    # ------------------------------------------------------------------ outputs
+
+    def export(self, trainable) -> str:
+        """Write the fine-tuned model into OUT (loadable with `FlaxBlipDiffusionPipeline.from_pretrained(OUT)`)."""
+        params = dict(self.model.params)
+        host = jax.device_get(trainable)
+        params["unet"] = host["unet"]
+        if "text_encoder" in host:
+            params["text_encoder"] = host["text_encoder"]
+        model = dataclasses.replace(self.model, params=params,
+                                    subject_embeddings=np.asarray(host["subject_embeddings"], np.float32))
+        return write_converted_into(model, self.out)
+
+    def preview(self, trainable, step: int) -> str:
+        params = {"text_encoder": trainable.get("text_encoder", self.model.params["text_encoder"]),
+                  "unet": trainable["unet"], "vae": self.model.params["vae"],
+                  "scheduler": self.pipeline.scheduler.create_state()}
+        size = self.config.resolution
+        out = self.pipeline(self.config.preview_prompt, None, None, self.subject, params=params,
+                            subject_embeddings=trainable["subject_embeddings"], prng_seed=jax.random.PRNGKey(self.config.seed),
+                            height=size, width=size, num_inference_steps=self.config.preview_steps)
+        os.makedirs(self._path(PREVIEWS), exist_ok=True)
+        path = self._path(PREVIEWS, f"step-{step:04d}.png")
+        out.images[0].save(path)
+        return path
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self, stop_after: int | None = None) -> str:
+        """Run to `config.steps` (or stop once `stop_after` steps are done, as an interruption would: no export).
+        Returns OUT."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        if config.preview_every and config.resolution % self.pipeline.size_multiple:
+            raise ValueError(f"{self._name('preview_every')}: previews need {self._name('resolution')} to be a "
+                             f"multiple of {self.pipeline.size_multiple}")
+        self._prepare_out()
+        manager = self.checkpoint_manager()
+        rng = jax.random.PRNGKey(config.seed)
+        resuming = config.resume and manager.latest_step() is not None
+        if config.resume and not resuming:
+            raise ValueError(f"{self._name('resume')}: no checkpoint under {self._path(CHECKPOINTS)}")
+        emb_shape = (1, self.pipeline.num_query_tokens, self.pipeline.text_encoder.config.hidden_size)
+        trainable = self.initial_trainable(np.zeros(emb_shape, np.float32) if resuming else None)
+        opt_state = self.optimizer.init(trainable)
+        start = 0
+        if resuming:
+            start, trainable, opt_state, rng = self._restore(manager, trainable, opt_state, rng)
+            self._trim_loss_log(start)
+        trainable, opt_state, frozen = self._replicate((trainable, opt_state, self.frozen()))
+        input_ids = self._replicate(jnp.asarray(self.input_ids))
+        end = config.steps if stop_after is None else min(config.steps, stop_after)
+        bar = tqdm(total=config.steps, initial=start, unit="step", disable=not config.progress, dynamic_ncols=True,
+                   desc=f"fine-tuning {self.subject!r} on {self.num_devices} device(s)")
+        try:
+            with open(self._path(LOSS_LOG), "a") as log:
+                for step in range(start, end):
+                    pixels = self._shard_batch(self.batch(step))
+                    trainable, opt_state, loss = self.train_step(trainable, opt_state, frozen, pixels, input_ids, step_key(rng, step))
+                    loss = float(loss)
+                    done = step + 1
+                    log.write(json.dumps({"step": done, "loss": loss, "time": round(time.time(), 3)}) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.update(1)
+                    if not math.isfinite(loss):
+                        raise ValueError(f"{self._name('learning_rate')}: the loss became {loss} at step {done} "
+                                         f"(latest checkpoint: {manager.latest_step()}); try a lower learning rate")
+                    if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end:
+                        self._save(manager, done, trainable, opt_state, rng)
+                    if config.preview_every and done % config.preview_every == 0:
+                        self.preview(trainable, done)
+        finally:
+            bar.close()
+            manager.wait_until_finished()
+            manager.close()
+        self.trainable = trainable
+        if end == config.steps:
+            self.export(trainable)
+        return self.out
+
+
+def finetune(model: ConvertedModel, config: FinetuneConfig, pipeline=None) -> str:
+    """Fine-tune and export; returns OUT."""
+    return SubjectFinetuner(model, config, pipeline=pipeline).train()
