@@ -112,8 +112,9 @@ def param_shapes(name: str, module) -> dict[tuple, tuple]:
 
 
 def cast_params(params, dtype):
-    """Cast floating leaves to `dtype` (e.g. bf16 weights for inference)."""
+    """Floating leaves as device arrays of `dtype` (e.g. bf16 weights for inference); leaves already of that
+    dtype are moved without an extra copy of the cast."""
     def cast(x):
-        x = jnp.asarray(x) if not isinstance(x, (np.ndarray, jax.Array)) else x
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        x = jnp.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
     return jax.tree_util.tree_map(cast, params)

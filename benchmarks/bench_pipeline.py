@@ -1,0 +1,223 @@
+"""Ours against diffusers' PyTorch BlipDiffusionPipeline at the real size (random weights), side by side.
+
+    python benchmarks/bench_pipeline.py [--sizes 512 256] [--steps 2] [--workdir benchmarks/.cache]
+
+1. Builds the real-size architecture (`../shared/reference/blipdiffusion_full.json`) with random weights once,
+   saves it with `save_pretrained` and converts it (both cached in --workdir).
+2. Runs each side in its own process: PyTorch; JAX cold (empty persistent compilation cache); JAX warm (the
+   cache the cold run filled). Each process reports, per size: first-call time, steady time per image and per
+   denoising step (from runs with `steps` and `2 * steps`), subject-encoding time, and peak RSS.
+3. Prints a markdown table with ratios (ours / PyTorch) and writes it to `benchmarks/results.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FULL_CONFIG = os.path.join(ROOT, "..", "shared", "reference", "blipdiffusion_full.json")
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reference_image():
+    from blipdiff_jax.tiny import demo_reference_image
+
+    return demo_reference_image(256)
+
+
+# --------------------------------------------------------------------------- model building (once)
+
+
+def build_torch_model(path: str, bert_dir: str) -> None:
+    import torch
+    from diffusers import AutoencoderKL, BlipDiffusionPipeline, PNDMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
+    from transformers import Blip2Config, CLIPTextConfig, CLIPTokenizer
+
+    from blipdiff_jax import tiny
+
+    with open(FULL_CONFIG) as f:
+        full = json.load(f)
+    torch.manual_seed(0)
+    qconfig = Blip2Config(**{k: full["qformer"][k] for k in ("num_query_tokens", "vision_config", "qformer_config")})
+    qconfig.tokenizer = bert_dir
+    vocab = full["text_encoder"]["vocab_size"]
+    clip_dir = tiny.write_clip_tokenizer(os.path.join(path + "-tokenizers", "clip"))  # ids stay < 514 < vocab
+    pipeline = BlipDiffusionPipeline(
+        tokenizer=CLIPTokenizer.from_pretrained(clip_dir),
+        text_encoder=ContextCLIPTextModel(CLIPTextConfig(**{**full["text_encoder"], "vocab_size": vocab})),
+        vae=AutoencoderKL(**full["vae"]),
+        unet=UNet2DConditionModel(**full["unet"]),
+        scheduler=PNDMScheduler(**{k: v for k, v in full["scheduler"].items() if not k.startswith("_")}),
+        qformer=Blip2QFormerModel(qconfig),
+        image_processor=BlipImageProcessor(size={"height": 224, "width": 224}, resample=3, do_center_crop=True),
+        ctx_begin_pos=2, mean=full["pipeline"]["mean"], std=full["pipeline"]["std"],
+    )
+    pipeline.save_pretrained(path)
+
+
+def ensure_models(workdir: str) -> tuple[str, str]:
+    from blipdiff_jax import tiny
+
+    torch_dir, flax_dir = os.path.join(workdir, "torch"), os.path.join(workdir, "flax")
+    bert_dir = tiny.write_bert_tokenizer(os.path.join(workdir, "bert"))
+    if not os.path.isfile(os.path.join(torch_dir, "model_index.json")):
+        print("building the real-size random PyTorch model (once) ...", flush=True)
+        build_torch_model(torch_dir, bert_dir)
+    if not os.path.isfile(os.path.join(flax_dir, "model_index.json")):
+        print("converting it (once) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "convert", torch_dir, flax_dir, "--qformer-tokenizer", bert_dir],
+                       check=True, cwd=ROOT)
+    return torch_dir, flax_dir
+
+
+# --------------------------------------------------------------------------- one side, in its own process
+
+
+def run_torch(model_dir: str, sizes: list[int], steps: int) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, BlipDiffusionPipeline, PNDMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
+    from transformers import CLIPTokenizer
+
+    # diffusers cannot load this directory back as a whole (its custom classes): load by component.
+    sub = lambda name: os.path.join(model_dir, name)  # noqa: E731
+    with open(sub("model_index.json")) as f:
+        index = json.load(f)
+    pipeline = BlipDiffusionPipeline(
+        tokenizer=CLIPTokenizer.from_pretrained(sub("tokenizer")),
+        text_encoder=ContextCLIPTextModel.from_pretrained(sub("text_encoder")),
+        vae=AutoencoderKL.from_pretrained(sub("vae")), unet=UNet2DConditionModel.from_pretrained(sub("unet")),
+        scheduler=PNDMScheduler.from_pretrained(sub("scheduler")), qformer=Blip2QFormerModel.from_pretrained(sub("qformer")),
+        image_processor=BlipImageProcessor.from_pretrained(sub("image_processor")),
+        ctx_begin_pos=index["ctx_begin_pos"], mean=index["mean"], std=index["std"],
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    image = reference_image()
+    results = {}
+    with torch.no_grad():
+        pixels = pipeline.image_processor.preprocess(image, image_mean=index["mean"], image_std=index["std"],
+                                                     return_tensors="pt")["pixel_values"]
+        pipeline.get_query_embeddings(pixels, ["dog"])
+        start = time.perf_counter()
+        pipeline.get_query_embeddings(pixels, ["dog"])
+        encode = time.perf_counter() - start
+        for size in sizes:
+            timing = {}
+            for n in (steps, steps, 2 * steps):  # the first call warms up
+                start = time.perf_counter()
+                pipeline("on the beach", image, "dog", "dog", height=size, width=size, num_inference_steps=n,
+                         generator=torch.Generator().manual_seed(0), output_type="np")
+                timing.setdefault(n, []).append(time.perf_counter() - start)
+            results[size] = {"first_call_s": timing[steps][0], "image_s": timing[steps][1],
+                             "step_s": (timing[2 * steps][0] - timing[steps][1]) / steps, "compile_s": 0.0}
+    return {"sizes": results, "subject_encoding_s": encode, "peak_rss_gb": peak_rss_gb()}
+
+
+def run_jax(model_dir: str, sizes: list[int], steps: int, cache_dir: str) -> dict:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    from blipdiff_jax import FlaxBlipDiffusionPipeline
+
+    pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(model_dir)
+    image = reference_image()
+    start = time.perf_counter()
+    jax.block_until_ready(pipeline.encode_subject(image, "dog", params))
+    first_encode = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(pipeline.encode_subject(image, "dog", params))
+    encode = time.perf_counter() - start
+    results = {}
+    for size in sizes:
+        timing = {}
+        for n in (steps, steps, 2 * steps, 2 * steps):  # first call of each step count compiles
+            start = time.perf_counter()
+            pipeline("on the beach", image, "dog", "dog", params=params, prng_seed=jax.random.PRNGKey(0),
+                     height=size, width=size, num_inference_steps=n, output_type="np")
+            timing.setdefault(n, []).append(time.perf_counter() - start)
+        image_s = timing[steps][1]
+        results[size] = {"first_call_s": timing[steps][0], "image_s": image_s,
+                         "step_s": (timing[2 * steps][1] - image_s) / steps, "compile_s": timing[steps][0] - image_s}
+    return {"sizes": results, "subject_encoding_s": encode, "subject_encoding_first_s": first_encode,
+            "peak_rss_gb": peak_rss_gb(), "device": str(jax.devices()[0])}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def table(runs: dict, sizes: list[int], steps: int) -> str:
+    torch_run, cold, warm = runs["torch"], runs["jax_cold"], runs["jax_warm"]
+    lines = [
+        f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU cores), fp32, random weights of "
+        f"the real size, PNDM, guidance 7.5, {steps} and {2 * steps} steps; JAX device: {cold.get('device')}.",
+        "",
+        "| metric | PyTorch | ours | ours / PyTorch |",
+        "|---|---|---|---|",
+    ]
+
+    def row(name, a, b, unit="s"):
+        lines.append(f"| {name} | {a:.2f} {unit} | {b:.2f} {unit} | {b / a:.2f} |" if a else f"| {name} | - | {b:.2f} {unit} | - |")
+
+    for size in sizes:
+        t, c, w = torch_run["sizes"][str(size)], cold["sizes"][str(size)], warm["sizes"][str(size)]
+        row(f"{size}px: time per denoising step (steady)", t["step_s"], w["step_s"])
+        row(f"{size}px: time per image, {steps} steps (steady)", t["image_s"], w["image_s"])
+        row(f"{size}px: compile, cold cache", 0, c["compile_s"])
+        row(f"{size}px: compile, warm persistent cache", 0, w["compile_s"])
+    row("subject encoding (steady)", torch_run["subject_encoding_s"], warm["subject_encoding_s"])
+    row("peak RSS (whole process)", torch_run["peak_rss_gb"], max(cold["peak_rss_gb"], warm["peak_rss_gb"]), "GB")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 256])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--workdir", default=os.path.join(HERE, ".cache"))
+    parser.add_argument("--side", choices=["torch", "jax"], help=argparse.SUPPRESS)  # internal: one side per process
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--jax-cache", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        result = run_torch(args.model, args.sizes, args.steps) if args.side == "torch" else \
+            run_jax(args.model, args.sizes, args.steps, args.jax_cache)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    if not os.path.isfile(FULL_CONFIG):
+        sys.exit("needs ../shared/reference/blipdiffusion_full.json (the real architecture)")
+    os.makedirs(args.workdir, exist_ok=True)
+    torch_dir, flax_dir = ensure_models(args.workdir)
+    jax_cache = os.path.join(args.workdir, f"jax-cache-{os.getpid()}")
+    runs = {}
+    for name, side, model in (("torch", "torch", torch_dir), ("jax_cold", "jax", flax_dir), ("jax_warm", "jax", flax_dir)):
+        print(f"running {name} ...", flush=True)
+        command = [sys.executable, __file__, "--side", side, "--model", model, "--jax-cache", jax_cache,
+                   "--steps", str(args.steps), "--sizes", *map(str, args.sizes)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+        runs[name] = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
+    report = table(runs, args.sizes, args.steps)
+    print(report)
+    with open(os.path.join(HERE, "results.md"), "w") as f:
+        f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
