@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--lb-threshold", type=float, default=0.3, help="LocalBlend mask threshold (default: %(default)s)")
     edit.add_argument("--qformer-tokenizer", default=None, help="local BERT tokenizer folder (PyTorch directories only)")
 
+    from .training.cli import add_finetune_parser
+
+    add_finetune_parser(sub)
+
     demo = sub.add_parser("demo", parents=[common, many], help="offline install check with the embedded tiny RANDOM-weight model",
                           description="Generate with the embedded tiny model. Its weights are random: the PNG is noise, "
                                       "which proves the install and the compiled pipeline work, not image quality.")
@@ -106,11 +110,11 @@ class _CompileClock:
 def _setup_compile_cache(args):
     import jax
 
-    if args.no_compile_cache:
+    if getattr(args, "no_compile_cache", False):
         return None
     from .hub import cache_root
 
-    path = args.compile_cache or os.path.join(cache_root(), "jax-cache")
+    path = getattr(args, "compile_cache", None) or os.path.join(cache_root(), "jax-cache")
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -240,7 +244,12 @@ def main(argv=None) -> int:
         if cache:
             print(f"compilation cache: {cache}")
         clock = _CompileClock()
-        path = _edit(args, clock) if args.command == "edit" else _generate(args, clock)
+        if args.command == "finetune":
+            from .training.cli import run_finetune
+
+            path = run_finetune(args)
+        else:
+            path = _edit(args, clock) if args.command == "edit" else _generate(args, clock)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
         print(f"blipdiff-jax: error: {err}", file=sys.stderr)
         return 2

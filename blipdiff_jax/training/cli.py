@@ -70,12 +70,15 @@ def run_finetune(args) -> str:
         list_images(args.images, "--images")
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model: no directory {args.model!r}")
-    if is_converted_directory(args.model):
-        model = load_converted(args.model)
-    else:
-        from convert.pytorch_dir import read_pytorch_directory
+    try:
+        if is_converted_directory(args.model):
+            model = load_converted(args.model)
+        else:
+            from convert.pytorch_dir import read_pytorch_directory
 
-        model = read_pytorch_directory(args.model, qformer_tokenizer=args.qformer_tokenizer)
+            model = read_pytorch_directory(args.model, qformer_tokenizer=args.qformer_tokenizer)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"--model: {err}") from err
     out = SubjectFinetuner(model, config, names=FLAGS).train()
     print(f"fine-tuned model in {out}: FlaxBlipDiffusionPipeline.from_pretrained({out!r})")
     return out

@@ -143,13 +143,13 @@ def step_key(base_key, step: int):
     return jax.random.fold_in(base_key, step)
 
 
-def _choose_devices(requested: int | None, batch_size: int) -> int:
+def _choose_devices(requested: int | None, batch_size: int, name=str) -> int:
     available = len(jax.devices())
     if requested is not None:
         if requested > available:
-            raise ValueError(f"devices={requested}: only {available} available")
+            raise ValueError(f"{name('devices')}={requested}: only {available} available")
         if batch_size % requested:
-            raise ValueError(f"batch_size={batch_size} cannot be split evenly over devices={requested}")
+            raise ValueError(f"{name('batch_size')}={batch_size} cannot be split evenly over {requested} devices")
         return requested
     return max(d for d in range(1, min(available, batch_size) + 1) if batch_size % d == 0)
 
@@ -166,7 +166,8 @@ class SubjectFinetuner:
         self.names = names or {}
         self.subject = data.normalize_subject(config.subject)
         self.paths = data.list_images(config.images, self._name("images"))
-        self.pipeline = pipeline if pipeline is not None else FlaxBlipDiffusionPipeline.from_converted(model)[0]
+        # The pipeline serves the subject encoder and previews; its params are the trainer's (none allocated here).
+        self.pipeline = pipeline if pipeline is not None else FlaxBlipDiffusionPipeline(model)
         vae_factor = 2 ** (len(model.configs["vae"]["block_out_channels"]) - 1)
         multiple = vae_factor * 2 ** (len(model.configs["unet"]["block_out_channels"]) - 1)
         if config.resolution % multiple:
@@ -179,7 +180,7 @@ class SubjectFinetuner:
         # LAVIS tokenizes the caption without padding and without prompt repetition at training time.
         self.input_ids = self.pipeline.tokenizer([data.caption(self.subject)], padding="do_not_pad", truncation=True,
                                                  max_length=budget, return_tensors="np").input_ids.astype(np.int32)
-        self.num_devices = _choose_devices(config.devices, config.batch_size)
+        self.num_devices = _choose_devices(config.devices, config.batch_size, self._name)
         self.mesh = None
         if self.num_devices > 1:
             from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -207,16 +208,18 @@ class SubjectFinetuner:
         return (total / len(self.paths))[None].astype(np.float32)
 
     def initial_trainable(self, subject_embeddings=None) -> dict:
+        """Host (numpy, float32) tree of what is trained: {"unet", "subject_embeddings", ["text_encoder"]}."""
         params = self.model.params
-        emb = self.subject_embeddings() if subject_embeddings is None else np.asarray(subject_embeddings, np.float32)
+        emb = self.subject_embeddings() if subject_embeddings is None else subject_embeddings
         trainable = {"unet": params["unet"], "subject_embeddings": emb}
         if self.config.train_text_encoder:
             trainable["text_encoder"] = params["text_encoder"]
-        return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+        return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), trainable)
 
     def frozen(self) -> dict:
+        """Host tree of the frozen params the step needs (the VAE, and the text encoder unless it is trained)."""
         names = ("vae",) if self.config.train_text_encoder else ("vae", "text_encoder")
-        return {k: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), self.model.params[k]) for k in names}
+        return {k: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), self.model.params[k]) for k in names}
 
     def _replicate(self, tree):
         # Always committed to an explicit sharding: restored checkpoints are, and the compiled step must match.
@@ -249,8 +252,8 @@ class SubjectFinetuner:
                                      f"({stored.get(key)!r}); resume with the same settings")
             return
         if os.path.exists(self.out) and (not os.path.isdir(self.out) or os.listdir(self.out)):
-            raise FileExistsError(f"{self._name('out')}: {self.out} already exists and is not empty; pass resume to "
-                                  "continue its run or choose a new directory")
+            raise FileExistsError(f"{self._name('out')}: {self.out} already exists and is not empty; pass "
+                                  f"{self._name('resume')} to continue its run or choose a new directory")
         os.makedirs(self.out, exist_ok=True)
         with open(config_file, "w") as f:
             json.dump(settings, f, indent=2, sort_keys=True)
@@ -263,18 +266,21 @@ class SubjectFinetuner:
 
     @staticmethod
     def _save(manager, step: int, trainable, opt_state, rng) -> None:
+        """Host copies go to orbax (written in the background, renamed into place when complete): the device
+        buffers are donated to the next step, and numpy arrays save without orbax's per-sharding work."""
         import orbax.checkpoint as ocp
 
-        state = {"trainable": trainable, "opt_state": opt_state, "rng": rng}
+        state = jax.device_get({"trainable": trainable, "opt_state": opt_state, "rng": rng})
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step})))
 
     @staticmethod
     def _restore(manager, trainable, opt_state, rng):
+        """The latest checkpoint as host arrays with the structure (shapes and dtypes) of (trainable, opt_state, rng)."""
         import orbax.checkpoint as ocp
 
         step = manager.latest_step()
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        target = jax.tree_util.tree_map(lambda x: np.empty(x.shape, x.dtype), {"trainable": trainable, "opt_state": opt_state, "rng": rng})
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         state = restored["state"]
         return int(restored["meta"]["step"]), state["trainable"], state["opt_state"], state["rng"]
 
@@ -333,14 +339,17 @@ class SubjectFinetuner:
         if config.resume and not resuming:
             raise ValueError(f"{self._name('resume')}: no checkpoint under {self._path(CHECKPOINTS)}")
         emb_shape = (1, self.pipeline.num_query_tokens, self.pipeline.text_encoder.config.hidden_size)
-        trainable = self.initial_trainable(np.zeros(emb_shape, np.float32) if resuming else None)
-        opt_state = self.optimizer.init(trainable)
+        host = self.initial_trainable(np.zeros(emb_shape, np.float32) if resuming else None)
         start = 0
-        if resuming:
-            start, trainable, opt_state, rng = self._restore(manager, trainable, opt_state, rng)
+        if resuming:  # nothing is allocated on the devices for the state that the checkpoint replaces
+            start, host, opt_host, rng = self._restore(manager, host, jax.eval_shape(self.optimizer.init, host), rng)
             self._trim_loss_log(start)
-        trainable, opt_state, frozen = self._replicate((trainable, opt_state, self.frozen()))
-        input_ids = self._replicate(jnp.asarray(self.input_ids))
+            trainable, opt_state = self._replicate((host, opt_host))
+        else:
+            trainable = self._replicate(host)
+            opt_state = self._replicate(self.optimizer.init(trainable))
+        del host
+        frozen, rng, input_ids = self._replicate((self.frozen(), rng, self.input_ids))
         end = config.steps if stop_after is None else min(config.steps, stop_after)
         bar = tqdm(total=config.steps, initial=start, unit="step", disable=not config.progress, dynamic_ncols=True,
                    desc=f"fine-tuning {self.subject!r} on {self.num_devices} device(s)")
@@ -366,7 +375,7 @@ class SubjectFinetuner:
             bar.close()
             manager.wait_until_finished()
             manager.close()
-        self.trainable = trainable
+        self.trainable, self.opt_state = trainable, opt_state  # the final state, for inspection
         if end == config.steps:
             self.export(trainable)
         return self.out
