@@ -120,6 +120,36 @@ def main() -> None:
                       '                    params=params, height=size, width=size, num_inference_steps=steps, num_inversion_steps=steps)\n'
                       'display(image_grid(out.images))'),
     ])
+    write("finetuning.ipynb", "Subject fine-tuning", [
+        new_markdown_cell("LAVIS's recipe: a few photos of one subject fine-tune the UNet and the subject embeddings; "
+                          "the result generates that subject with no reference image."),
+        new_code_cell(FINETUNE_SETUP),
+        new_code_cell('out_dir = tempfile.mkdtemp() + "/dog-model"\n'
+                      'SubjectFinetuner(model, FinetuneConfig(images=str(photos), subject="dog", out=out_dir, **settings)).train()\n'
+                      'print(open(out_dir + "/loss.jsonl").read()[:300])'),
+        new_code_cell('pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(out_dir)\nPROMPT = "on the beach"'),
+        new_code_cell(per_device('pipeline(prompts, None, None, "dog", params=replicate(params), jit=True,\n'
+                                 '               prng_seed=jax.random.PRNGKey(0), height=size, width=size, num_inference_steps=steps)')),
+    ])
+
+
+FINETUNE_SETUP = '''import tempfile
+from blipdiff_jax import FlaxBlipDiffusionPipeline, tiny
+from blipdiff_jax.checkpoint import load_converted
+from blipdiff_jax.hub import resolve_hub_model
+from blipdiff_jax.training import FinetuneConfig, SubjectFinetuner
+photos = pathlib.Path(tempfile.mkdtemp())
+local = pathlib.Path("../../shared/images/dreambooth-dog").exists()
+for i in range(5):  # the DreamBooth dog of LAVIS's examples
+    photo(f"dreambooth-dog/{i:02d}.jpg" if local else f"dreambooth/dog/{i:02d}.jpg", 10 + i).save(photos / f"{i:02d}.png")
+if TINY:
+    model = tiny.build_tiny_model(tempfile.mkdtemp())
+    settings = dict(steps=4, batch_size=2, resolution=32, learning_rate=1e-3)
+    size, steps = 32, 4
+else:
+    model = load_converted(resolve_hub_model("Salesforce/blipdiffusion"))
+    settings = dict(steps=40, batch_size=3, resolution=512)  # LAVIS's finetune-db settings
+    size, steps = 512, 50'''
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ NAMES = sorted(n for n in os.listdir(NOTEBOOKS) if n.endswith(".ipynb"))
 
 
 def test_there_is_a_notebook_per_use():
-    for name in ("zero_shot.ipynb", "stylization_controlnet.ipynb", "editing.ipynb"):
+    for name in ("zero_shot.ipynb", "stylization_controlnet.ipynb", "editing.ipynb", "finetuning.ipynb"):
         assert name in NAMES
 
 
