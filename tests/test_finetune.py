@@ -265,6 +265,10 @@ def test_data_parallel_on_4_devices_matches_one_device(converted_model, pipe, im
         assert max_diff(sharded_grads[name], grads[name]) <= 1e-4 * scale, name
 
 
+class Killed(BaseException):
+    """Stands for a kill (SIGINT and the like): not an `Exception`, so nothing on the way catches it."""
+
+
 def test_stop_kill_and_resume_equal_an_uninterrupted_run(converted_model, pipe, image_dir, uninterrupted, tmp_path):
     """Stopped after step 17 (checkpoints at 15 and 17), resumed and killed during step 28, resumed again: the
     final params equal the uninterrupted run's, and the loss log holds every step once with the same losses."""
@@ -281,11 +285,11 @@ def test_stop_kill_and_resume_equal_an_uninterrupted_run(converted_model, pipe, 
     def dies_in_step_28(*args):
         calls.append(1)
         if len(calls) == 11:
-            raise KeyboardInterrupt
+            raise Killed
         return real_step(*args)
 
     killed.train_step = dies_in_step_28
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         killed.train()
     assert read_log(out)[-1]["step"] == 27 and sorted(os.listdir(out / "checkpoints"), key=int) == ["15", "17"]
 
@@ -329,10 +333,12 @@ def test_bad_images_folders(tmp_path):
     (mixed / "notes.txt").write_text("not an image")
     (mixed / "broken.png").write_bytes(b"\x89PNG not really")
     make_image(1).save(mixed / "a.jpg")
-    with pytest.warns(UserWarning, match="notes.txt") as caught:
+    with pytest.warns(UserWarning) as caught:
         paths = data.list_images(str(mixed))
     assert [os.path.basename(p) for p in paths] == ["a.jpg"]
-    assert any("broken.png" in str(w.message) for w in caught)
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2 and "broken.png" in messages[0] and "notes.txt" in messages[1]
+    assert all(m.startswith("images: skipping") for m in messages)
     (mixed / "a.jpg").unlink()
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="images"):
         data.list_images(str(mixed))
@@ -346,7 +352,13 @@ def test_target_images_are_center_crops_in_minus_one_one():
     target = data.target_image(Image.fromarray(array), 8)
     assert target.shape == (3, 8, 8) and target.dtype == np.float32
     assert target.min() >= -1 and target.max() <= 1 and target[:, :, 2:6].min() > 0.9
-    assert list(data.batch_indices(0, 1, 2, 3)) != [] and sorted(np.concatenate([data.batch_indices(5, s, 1, 3) for s in range(3)])) == [0, 1, 2]
+
+
+def test_data_order_is_a_pure_function_of_seed_and_step():
+    order = np.concatenate([data.batch_indices(5, step, 2, 3) for step in range(6)])  # 4 epochs of 3 images
+    assert all(sorted(order[i : i + 3]) == [0, 1, 2] for i in range(0, 12, 3))
+    np.testing.assert_array_equal(data.batch_indices(5, 4, 2, 3), order[8:10])
+    assert not np.array_equal(order, np.concatenate([data.batch_indices(6, step, 2, 3) for step in range(6)]))
 
 
 def test_bad_settings_name_the_argument(converted_model, pipe, image_dir, tmp_path):
@@ -377,7 +389,7 @@ def finetune_args(argv):
     return parser.parse_args(["finetune"] + argv)
 
 
-def test_cli_finetunes_the_dreambooth_dog(converted_model, tmp_path, capsys):
+def test_cli_finetunes_the_dreambooth_dog(converted_model, tmp_path):
     from blipdiff_jax.checkpoint import save_converted
     from blipdiff_jax.training.cli import run_finetune
 

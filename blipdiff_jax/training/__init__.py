@@ -1,20 +1,22 @@
 """Subject fine-tuning (LAVIS BLIP-Diffusion `finetune-db-*`): see `trainer.py`.
 
     from blipdiff_jax.training import FinetuneConfig, SubjectFinetuner
+
+Modules: config (settings), data (images, captions, data order), loss (the LAVIS loss), trainer (the jitted
+step and the loop), checkpoints (orbax, loss log), export (the model written into OUT), cli (`finetune`).
 """
+
+_EXPORTS = {"FinetuneConfig": "config", "DiffusionLoss": "loss", "SubjectFinetuner": "trainer", "finetune": "trainer",
+            "make_optimizer": "trainer", "make_train_step": "trainer"}
 
 
 def __getattr__(name):
-    # Lazy, so the CLI can build its parser without importing jax.
-    if name in ("FinetuneConfig", "SubjectFinetuner", "finetune", "make_optimizer", "make_train_step"):
-        from . import trainer
+    # Lazy: the CLI builds its parser without importing the trainer, optax or orbax.
+    if name in _EXPORTS:
+        import importlib
 
-        return getattr(trainer, name)
-    if name == "DiffusionLoss":
-        from .loss import DiffusionLoss
-
-        return DiffusionLoss
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(name)
 
 
-__all__ = ["DiffusionLoss", "FinetuneConfig", "SubjectFinetuner", "finetune", "make_optimizer", "make_train_step"]
+__all__ = sorted(_EXPORTS)

@@ -2,7 +2,7 @@
 
     blipdiff-jax finetune --model DIR --images dog/ --subject dog --out dog-model [--steps 40] [--batch-size 3]
 
-Importing this module does not import jax (the main CLI builds its parser from it).
+Importing this module loads nothing beyond argparse; the trainer is imported when `run_finetune` runs.
 """
 
 from __future__ import annotations

@@ -37,69 +37,12 @@ import numpy as np
 import optax
 
 from ..checkpoint import ConvertedModel
-from . import data
+from . import checkpoints, data
+from .config import RESUME_KEYS, FinetuneConfig
 from .export import write_converted_into
 from .loss import DiffusionLoss
 
 CHECKPOINTS, PREVIEWS, LOSS_LOG, CONFIG_FILE = "checkpoints", "previews", "loss.jsonl", "training_config.json"
-# Settings that must match when resuming (the rest may change, e.g. more steps).
-RESUME_KEYS = ("images", "subject", "resolution", "batch_size", "learning_rate", "weight_decay",
-               "train_text_encoder", "seed")
-
-
-@dataclasses.dataclass
-class FinetuneConfig:
-    images: str
-    subject: str
-    out: str
-    steps: int = 40
-    batch_size: int = 3
-    learning_rate: float = 5e-6
-    weight_decay: float = 0.01
-    resolution: int = 512
-    train_text_encoder: bool = False
-    checkpoint_every: int = 0  # 0: only after the last step
-    resume: bool = False
-    seed: int = 42
-    preview_every: int = 0  # 0: no previews
-    preview_prompt: str = ""
-    preview_steps: int = 25
-    compute_dtype: object = jnp.float32  # jnp.bfloat16: bf16 compute, fp32 master weights
-    remat: bool = False  # recompute each UNet block's activations in the backward pass
-    devices: int | None = None  # data-parallel over this many devices (None: as many as divide batch_size)
-    progress: bool = True
-
-    def validate(self, names: dict | None = None) -> None:
-        """Type and range checks; errors name the setting (as `names` maps it, e.g. to CLI flags)."""
-        name = lambda field: (names or {}).get(field, field)  # noqa: E731
-        for field in ("images", "subject", "out", "preview_prompt"):
-            if not isinstance(getattr(self, field), (str, os.PathLike)):
-                raise TypeError(f"{name(field)} must be a string, not {type(getattr(self, field)).__name__}")
-        minimum = {"steps": 1, "batch_size": 1, "resolution": 8, "checkpoint_every": 0, "preview_every": 0,
-                   "preview_steps": 1, "seed": 0}
-        for field, low in minimum.items():
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name(field)} must be an int, not {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"{name(field)}={value} must be at least {low}")
-        if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1):
-            raise ValueError(f"{name('devices')}={self.devices!r} must be a positive int or None")
-        for field, positive in (("learning_rate", True), ("weight_decay", False)):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-                raise TypeError(f"{name(field)} must be a number, not {type(value).__name__}")
-            if not math.isfinite(value) or value < 0 or (positive and value == 0):
-                raise ValueError(f"{name(field)}={value} must be a finite number {'> 0' if positive else '>= 0'}")
-        if jnp.dtype(self.compute_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            raise ValueError(f"{name('compute_dtype')}={self.compute_dtype!r} must be float32, bfloat16 or float16")
-        data.normalize_subject(self.subject, name("subject"))
-
-    def resume_settings(self) -> dict:
-        settings = {k: getattr(self, k) for k in RESUME_KEYS}
-        settings["images"] = os.path.abspath(self.images)
-        settings["subject"] = data.normalize_subject(self.subject)
-        return settings
 
 
 def make_optimizer(learning_rate: float, weight_decay: float):
@@ -258,43 +201,6 @@ class SubjectFinetuner:
         with open(config_file, "w") as f:
             json.dump(settings, f, indent=2, sort_keys=True)
 
-    def checkpoint_manager(self):
-        import orbax.checkpoint as ocp
-
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-        return ocp.CheckpointManager(self._path(CHECKPOINTS), options=options)
-
-    @staticmethod
-    def _save(manager, step: int, trainable, opt_state, rng) -> None:
-        """Host copies go to orbax (written in the background, renamed into place when complete): the device
-        buffers are donated to the next step, and numpy arrays save without orbax's per-sharding work."""
-        import orbax.checkpoint as ocp
-
-        state = jax.device_get({"trainable": trainable, "opt_state": opt_state, "rng": rng})
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step})))
-
-    @staticmethod
-    def _restore(manager, trainable, opt_state, rng):
-        """The latest checkpoint as host arrays with the structure (shapes and dtypes) of (trainable, opt_state, rng)."""
-        import orbax.checkpoint as ocp
-
-        step = manager.latest_step()
-        target = jax.tree_util.tree_map(lambda x: np.empty(x.shape, x.dtype), {"trainable": trainable, "opt_state": opt_state, "rng": rng})
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        state = restored["state"]
-        return int(restored["meta"]["step"]), state["trainable"], state["opt_state"], state["rng"]
-
-    def _trim_loss_log(self, step: int) -> None:
-        """Keep the log lines of steps up to the restored one (later ones were lost with the interrupted run)."""
-        path = self._path(LOSS_LOG)
-        if not os.path.exists(path):
-            return
-        with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(lines)
-        os.replace(path + ".tmp", path)
-
     # ------------------------------------------------------------------ outputs
 
     def export(self, trainable) -> str:
@@ -333,7 +239,7 @@ class SubjectFinetuner:
             raise ValueError(f"{self._name('preview_every')}: previews need {self._name('resolution')} to be a "
                              f"multiple of {self.pipeline.size_multiple}")
         self._prepare_out()
-        manager = self.checkpoint_manager()
+        manager = checkpoints.manager(self._path(CHECKPOINTS))
         rng = jax.random.PRNGKey(config.seed)
         resuming = config.resume and manager.latest_step() is not None
         if config.resume and not resuming:
@@ -342,8 +248,8 @@ class SubjectFinetuner:
         host = self.initial_trainable(np.zeros(emb_shape, np.float32) if resuming else None)
         start = 0
         if resuming:  # nothing is allocated on the devices for the state that the checkpoint replaces
-            start, host, opt_host, rng = self._restore(manager, host, jax.eval_shape(self.optimizer.init, host), rng)
-            self._trim_loss_log(start)
+            start, host, opt_host, rng = checkpoints.restore_latest(manager, host, jax.eval_shape(self.optimizer.init, host), rng)
+            checkpoints.trim_loss_log(self._path(LOSS_LOG), start)
             trainable, opt_state = self._replicate((host, opt_host))
         else:
             trainable = self._replicate(host)
@@ -368,7 +274,7 @@ class SubjectFinetuner:
                         raise ValueError(f"{self._name('learning_rate')}: the loss became {loss} at step {done} "
                                          f"(latest checkpoint: {manager.latest_step()}); try a lower learning rate")
                     if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end:
-                        self._save(manager, done, trainable, opt_state, rng)
+                        checkpoints.save(manager, done, trainable, opt_state, rng)
                     if config.preview_every and done % config.preview_every == 0:
                         self.preview(trainable, done)
         finally:
