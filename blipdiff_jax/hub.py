@@ -62,7 +62,7 @@ def resolve_hub_model(repo_id: str, *, qformer_tokenizer: str | None = None, log
         from convert.pytorch_dir import read_pytorch_directory
 
         log(f"converting {repo_id} ({revision[:12]}) once into {converted}")
-        model = read_pytorch_directory(snapshot, qformer_tokenizer=qformer_tokenizer, log=log)
+        model = read_pytorch_directory(snapshot, qformer_tokenizer=qformer_tokenizer, log=log, progress=True)
         save_converted(model, converted, overwrite=True)
     os.makedirs(model_cache, exist_ok=True)
     with open(latest_file, "w") as f:

@@ -24,7 +24,8 @@ def main(argv=None) -> int:
 
     try:
         model = read_pytorch_directory(
-            args.src, qformer_tokenizer=args.qformer_tokenizer, controlnet=args.controlnet, lavis_weights=args.lavis, log=print
+            args.src, qformer_tokenizer=args.qformer_tokenizer, controlnet=args.controlnet, lavis_weights=args.lavis, log=print,
+            progress=True,
         )
         out = save_converted(model, args.out, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:

@@ -126,6 +126,13 @@ def read_lavis_weights(path: str) -> dict[str, dict]:
     return lavis_to_diffusers(state)
 
 
+def _progress_bar(folders: dict, enabled: bool):
+    """A bar over the components (the UNet's read dominates on the real model), disabled when not asked for."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=len(folders), desc="converting", unit="component", disable=not enabled, dynamic_ncols=True)
+
+
 def read_pytorch_directory(
     src: str,
     *,
@@ -133,6 +140,7 @@ def read_pytorch_directory(
     controlnet: str | None = None,
     lavis_weights: str | None = None,
     log: Callable[[str], None] = lambda line: None,
+    progress: bool = False,
 ) -> ConvertedModel:
     """Convert every component of `src` (and an optional separate ControlNet directory) to Flax params.
 
@@ -165,11 +173,16 @@ def read_pytorch_directory(
     if lavis is not None and "controlnet" in lavis:
         folders.setdefault("controlnet", os.path.join(src, "controlnet"))
     configs, params = {}, {}
+    bar = _progress_bar(folders, progress)
     for name, folder in folders.items():
+        bar.set_postfix_str(name)
         state = lavis.get(name) if lavis is not None else None
         configs[name], params[name], weights_file = read_component(name, folder, state, f"{lavis_weights} ({name})")
         tensors = len(flatten_dict(params[name]))
-        log(f"{name}: {tensors} params from {os.path.relpath(weights_file, src) if weights_file.startswith(src) else weights_file}")
+        line = f"{name}: {tensors} params from {os.path.relpath(weights_file, src) if weights_file.startswith(src) else weights_file}"
+        bar.write(line) if progress else log(line)
+        bar.update(1)
+    bar.close()
     configs["scheduler"] = _read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
     processor_file = os.path.join(src, "image_processor", "preprocessor_config.json")
     configs["image_processor"] = _read_json(processor_file) if os.path.isfile(processor_file) else {}

@@ -169,6 +169,8 @@ def make_interceptor(schedule: EditStatic, arrays: dict, step, guided: bool, ble
         hidden = args[0]
         encoder = args[1] if len(args) > 1 else kwargs.get("context")
         is_cross = encoder is not None
+        if not is_cross and hidden.shape[1] > schedule.control_pixels:
+            return next_fun(*args, **kwargs)  # never controlled: the pipeline's attention kernel runs it
         source = hidden if encoder is None else encoder
         query = module.reshape_heads_to_batch_dim(module.query(hidden))
         key = module.reshape_heads_to_batch_dim(module.key(source))

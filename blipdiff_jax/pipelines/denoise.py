@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ..models.attention import intercept_attention
 from .attention_control import CONTROL_COLLECTION
 
 
@@ -36,6 +37,7 @@ def denoise(
     rng=None,
     unet_residuals: Callable | None = None,
     attention_control: Callable | None = None,
+    attention: Callable | None = None,
     combine_guidance: Callable | None = None,
     after_step: Callable | None = None,
     aux=None,
@@ -47,6 +49,8 @@ def denoise(
     unet_residuals(latent_input, timestep, step) -> dict of extra UNet kwargs (ControlNet residuals).
     attention_control(step) -> a `flax.linen.intercept_methods` interceptor for the UNet's attentions; the
         collections it sows are handed to `after_step`.
+    attention: an interceptor that swaps the kernel of every attention the UNet and ControlNet run (see
+        `models/attention.py`); attention layers the controller leaves alone fall through to it.
     combine_guidance(uncond, cond, guidance_scale) -> noise, replacing plain classifier-free guidance.
     after_step(latents, aux, collections, step) -> (latents, aux): a latents hook (LocalBlend), with a carry.
     progress(step): a host function told of each finished step (`jax.debug.callback`, unordered, so the
@@ -58,11 +62,14 @@ def denoise(
     rng = jax.random.PRNGKey(0) if rng is None else rng
 
     def predict(latent_input, timestep, step):
-        extra = unet_residuals(latent_input, timestep, step) if unet_residuals is not None else {}
         variables = {"params": unet_params}
-        if attention_control is None:  # the fast path: the UNet's own attention
-            return unet.apply(variables, latent_input, timestep, context, **extra).sample, {}
-        with nn.intercept_methods(attention_control(step)):
+        # flax runs the outermost interceptor first: the controller takes the layers it controls and hands
+        # the rest on to the attention kernel.
+        with intercept_attention(attention):
+            extra = unet_residuals(latent_input, timestep, step) if unet_residuals is not None else {}
+            if attention_control is None:
+                return unet.apply(variables, latent_input, timestep, context, **extra).sample, {}
+        with nn.intercept_methods(attention_control(step)), intercept_attention(attention):
             out, collections = unet.apply(variables, latent_input, timestep, context, mutable=[CONTROL_COLLECTION], **extra)
         return out.sample, collections
 

@@ -17,6 +17,7 @@ from jax import lax
 from PIL import Image
 
 from ..image_processing import load_image, numpy_to_pil
+from ..models.attention import intercept_attention
 from .attention_control import (
     PLACEHOLDER,
     EditStatic,
@@ -175,6 +176,7 @@ class EditingMixin:
             # the latents), and LAVIS's controller and LocalBlend run at each of them.
             num_inference_steps=state.timesteps.shape[0], do_classifier_free_guidance=do_cfg,
             attention_control=lambda step: make_interceptor(static, arrays, step, guided=do_cfg),
+            attention=self._attention,
             combine_guidance=combine, after_step=after_step, aux=jnp.zeros((static.control_pixels,), latents.dtype),
         )
         return {"images": decode_latents(self.vae, params["vae"], result.latents), "context_finite": jnp.all(jnp.isfinite(context)),
@@ -193,7 +195,8 @@ class EditingMixin:
 
         def body(i, x):
             t = timesteps[i]
-            eps = self.unet.apply({"params": params["unet"]}, x, jnp.broadcast_to(t, (x.shape[0],)), context).sample
+            with intercept_attention(self._attention):
+                eps = self.unet.apply({"params": params["unet"]}, x, jnp.broadcast_to(t, (x.shape[0],)), context).sample
             prev = t - stride
             a_from = jnp.where(prev >= 0, alphas[jnp.maximum(prev, 0)], state.final_alpha_cumprod)
             a_to = alphas[t]

@@ -22,6 +22,7 @@ from .. import components
 from .._quiet import silence_flax_deprecation
 from ..checkpoint import ConvertedModel, is_converted_directory, load_converted
 from ..image_processing import numpy_to_pil, preprocess_reference
+from ..models.attention import attention_interceptor, resolve_implementation
 from .denoise import check_finite, decode_latents, denoise
 from .editing import EditingMixin
 from .inputs import as_list as _as_list
@@ -66,8 +67,12 @@ def check_scheduler(scheduler):
 
 
 class FlaxBlipDiffusionPipeline(EditingMixin):
-    def __init__(self, model: ConvertedModel, *, dtype=jnp.float32, scheduler=None):
+    def __init__(self, model: ConvertedModel, *, dtype=jnp.float32, scheduler=None, attention: str = "auto"):
         self.dtype = dtype
+        # The attention kernel every UNet/ControlNet attention runs (models/attention.py); fixed at construction
+        # because the compiled programs bake it in.
+        self.attention = resolve_implementation(attention)
+        self._attention = attention_interceptor(self.attention)
         self.configs = model.configs
         self.tokenizer = model.tokenizer
         self.qformer_tokenizer = model.qformer_tokenizer
@@ -106,11 +111,15 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         dtype=jnp.float32,
         scheduler=None,
         qformer_tokenizer: str | None = None,
+        attention: str = "auto",
         **kwargs,
     ):
         """Returns `(pipeline, params)`. `path`: a converted directory (`python -m convert`); with
         `from_pt=True` a diffusers-layout PyTorch directory converted on the fly (needs torch only for `.bin`);
-        or a Hub id such as "Salesforce/blipdiffusion", downloaded, converted once and cached."""
+        or a Hub id such as "Salesforce/blipdiffusion", downloaded, converted once and cached.
+        `attention`: "auto" (blockwise on CPU, `jax.nn.dot_product_attention` elsewhere), "blockwise",
+        "dot_product", or "xla" (diffusers' own); see `blipdiff_jax.models.attention`."""
+        resolve_implementation(attention)  # a bad value fails before anything is loaded
         path = cls._resolve(path, qformer_tokenizer)
         if from_pt and not is_converted_directory(path):
             from convert.pytorch_dir import read_pytorch_directory
@@ -122,7 +131,7 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             if not is_converted_directory(path) and os.path.isfile(os.path.join(path, "unet", "config.json")):
                 raise ValueError(f"path: {path!r} is a PyTorch (diffusers) directory; pass from_pt=True or convert it first")
             model = load_converted(path)
-        return cls.from_converted(model, dtype=dtype, scheduler=scheduler)
+        return cls.from_converted(model, dtype=dtype, scheduler=scheduler, attention=attention)
 
     @staticmethod
     def _resolve(path, qformer_tokenizer=None) -> str:
@@ -134,8 +143,8 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         return resolve_hub_model(path, qformer_tokenizer=qformer_tokenizer) if is_hub_id(path) else path
 
     @classmethod
-    def from_converted(cls, model: ConvertedModel, dtype=jnp.float32, scheduler=None):
-        pipeline = cls(model, dtype=dtype, scheduler=scheduler)
+    def from_converted(cls, model: ConvertedModel, dtype=jnp.float32, scheduler=None, attention: str = "auto"):
+        pipeline = cls(model, dtype=dtype, scheduler=scheduler, attention=attention)
         params = {name: components.cast_params(model.params[name], dtype) for name in ("qformer", "text_encoder", "unet", "vae")}
         params["scheduler"] = pipeline.scheduler.create_state()
         return pipeline, params
@@ -252,6 +261,7 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             do_classifier_free_guidance=do_cfg,
             rng=rng,
             unet_residuals=self._unet_residuals(params, batch, scalars, context, do_cfg),
+            attention=self._attention,
             progress=self._on_step if progress else None,
         )
         images = decode_latents(self.vae, params["vae"], result.latents)

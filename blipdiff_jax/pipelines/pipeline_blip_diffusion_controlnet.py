@@ -13,28 +13,31 @@ import numpy as np
 
 from .. import components
 from ..image_processing import preprocess_conditioning
+from ..models.attention import resolve_implementation
 from .pipeline_blip_diffusion import FlaxBlipDiffusionPipeline
 
 
 class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
-    def __init__(self, model, *, dtype=jnp.float32, scheduler=None):
+    def __init__(self, model, *, dtype=jnp.float32, scheduler=None, attention: str = "auto"):
         if "controlnet" not in model.params:
             raise ValueError("controlnet: this model has no controlnet/ component; pass controlnet=PATH "
                              "(an SD 1.5 ControlNet directory)")
-        super().__init__(model, dtype=dtype, scheduler=scheduler)
+        super().__init__(model, dtype=dtype, scheduler=scheduler, attention=attention)
         self.controlnet = components.build_model("controlnet", model.configs["controlnet"], dtype)
 
     @classmethod
     def from_pretrained(cls, path, from_pt: bool = False, dtype=jnp.float32, scheduler=None,
-                        qformer_tokenizer=None, controlnet: str | None = None, **kwargs):
+                        qformer_tokenizer=None, controlnet: str | None = None, attention: str = "auto", **kwargs):
         """`path` with a `controlnet/` folder (like the Hub's `Salesforce/blipdiffusion-controlnet`), or a base
         model plus `controlnet=PATH`, any SD 1.5 ControlNet directory in diffusers' PyTorch layout."""
+        resolve_implementation(attention)
         path = cls._resolve(path, qformer_tokenizer)
         from ..checkpoint import is_converted_directory, load_converted
 
         if from_pt and not is_converted_directory(path):
             return super().from_pretrained(path, from_pt=True, dtype=dtype, scheduler=scheduler,
-                                           qformer_tokenizer=qformer_tokenizer, controlnet=controlnet, **kwargs)
+                                           qformer_tokenizer=qformer_tokenizer, controlnet=controlnet,
+                                           attention=attention, **kwargs)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"path: model directory {path!r} does not exist")
         model = load_converted(os.fspath(path))
@@ -42,11 +45,11 @@ class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
             from convert.pytorch_dir import read_controlnet
 
             model.configs["controlnet"], model.params["controlnet"] = read_controlnet(controlnet)
-        return cls.from_converted(model, dtype=dtype, scheduler=scheduler)
+        return cls.from_converted(model, dtype=dtype, scheduler=scheduler, attention=attention)
 
     @classmethod
-    def from_converted(cls, model, dtype=jnp.float32, scheduler=None):
-        pipeline, params = super().from_converted(model, dtype=dtype, scheduler=scheduler)
+    def from_converted(cls, model, dtype=jnp.float32, scheduler=None, attention: str = "auto"):
+        pipeline, params = super().from_converted(model, dtype=dtype, scheduler=scheduler, attention=attention)
         params["controlnet"] = components.cast_params(model.params["controlnet"], dtype)
         return pipeline, params
 

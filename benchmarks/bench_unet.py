@@ -1,0 +1,135 @@
+"""One real-size UNet step (batch 2 as under guidance), ours against diffusers' PyTorch UNet, side by side.
+
+    python benchmarks/bench_unet.py [--size 512] [--attention xla blockwise] [--xla-flags none xla_cpu_flag=value,xla_other=1]
+
+Uses the real-size random model `bench_pipeline.py` builds and caches in benchmarks/.cache. Runs PyTorch in
+one process and, per XLA flag set, JAX in another (XLA_FLAGS is read once per process), timing every
+attention implementation on the same inputs; checks each output against PyTorch's and prints a table.
+This is where the per-step cost of sampling comes from, so the choices behind the pipeline's defaults are
+measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+
+def inputs(size: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 4, size // 8, size // 8), np.float32)
+    context = rng.standard_normal((2, 77, 768), np.float32)
+    return latents, np.array([500, 500], np.int32), context
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float], object]:
+    start = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return first, times, out
+
+
+def run_torch(model_dir: str, size: int, repeats: int) -> dict:
+    import numpy as np
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(model_dir, "unet")).eval()
+    latents, t, context = (torch.from_numpy(x) for x in inputs(size))
+    with torch.no_grad():
+        first, times, out = timed(lambda: unet(latents, t, context).sample, repeats)
+    np.save(os.path.join(HERE, ".cache", f"unet-torch-{size}.npy"), out.numpy())
+    return {"torch": {"first_s": first, "step_s": min(times), "threads": torch.get_num_threads()}}
+
+
+def run_jax(model_dir: str, size: int, repeats: int, attentions: list[str]) -> dict:
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from blipdiff_jax import FlaxBlipDiffusionPipeline
+    from blipdiff_jax.models.attention import attention_interceptor
+
+    pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(model_dir)
+    unet_params = params["unet"]
+    del params
+    latents, t, context = inputs(size)
+    reference = np.load(os.path.join(HERE, ".cache", f"unet-torch-{size}.npy"))
+    results = {}
+    for attention in attentions:
+        interceptor = attention_interceptor(attention)
+
+        @jax.jit
+        def step(p, x, t, c):
+            if interceptor is None:
+                return pipeline.unet.apply({"params": p}, x, t, c).sample
+            with nn.intercept_methods(interceptor):
+                return pipeline.unet.apply({"params": p}, x, t, c).sample
+
+        first, times, out = timed(lambda: jax.block_until_ready(step(unet_params, latents, t, context)), repeats)
+        error = float(np.abs(np.asarray(out) - reference).max() / np.abs(reference).max())
+        results[attention] = {"first_s": first, "step_s": min(times), "rel_error_vs_torch": error}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--attention", nargs="+", default=["xla", "blockwise"])
+    parser.add_argument("--xla-flags", nargs="+", default=["none"],
+                        help="one JAX process per entry: 'none', or comma-separated XLA flags without their leading --")
+    parser.add_argument("--workdir", default=os.path.join(HERE, ".cache"))
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    model = os.path.join(args.workdir, "torch" if args.side == "torch" else "flax")
+    if args.side == "torch":
+        print("RESULT " + json.dumps(run_torch(model, args.size, args.repeats)), flush=True)
+        return
+    if args.side == "jax":
+        print("RESULT " + json.dumps(run_jax(model, args.size, args.repeats, args.attention)), flush=True)
+        return
+    from bench_pipeline import ensure_models
+
+    ensure_models(args.workdir)
+    rows = []
+    as_env = lambda entry: "" if entry == "none" else " ".join("--" + f for f in entry.split(","))  # noqa: E731
+    sides = [("torch", "")] + [("jax", as_env(entry)) for entry in args.xla_flags]
+    for side, flags in sides:
+        env = {**os.environ, "XLA_FLAGS": flags}
+        command = [sys.executable, __file__, "--side", side, "--size", str(args.size), "--repeats", str(args.repeats),
+                   "--workdir", args.workdir, "--attention", *args.attention]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+        if done.returncode:
+            sys.exit(done.stderr[-3000:])
+        result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+        for name, r in result.items():
+            rows.append((side, flags or "-", name, r))
+            print(side, flags or "-", name, json.dumps(r), flush=True)
+    torch_step = rows[0][3]["step_s"]
+    print(f"\nUNet step, batch 2, {args.size}x{args.size}, fp32\n")
+    print("| side | XLA_FLAGS | attention | step | vs PyTorch | first call | max rel. error vs PyTorch |")
+    print("|---|---|---|---|---|---|---|")
+    for side, flags, name, r in rows:
+        error = f"{r['rel_error_vs_torch']:.1e}" if "rel_error_vs_torch" in r else "-"
+        print(f"| {side} | {flags} | {name} | {r['step_s']:.2f} s | {r['step_s'] / torch_step:.2f} | {r['first_s']:.1f} s | {error} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The attention kernels swapped into the reused UNet (models/attention.py): same numbers as diffusers' own
+attention, in isolation, through the pipeline against PyTorch, and under editing's attention control."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import make_image
+
+from blipdiff_jax import FlaxBlipDiffusionPipeline
+from blipdiff_jax.models import attention
+
+KERNEL_TOLERANCE = 1e-5  # fp32, same math in another order
+IMAGE_TOLERANCE = 2e-3  # max abs, images in [0, 1], as the other pipeline parity tests
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 16 queries, so the tiny model's 16x16 latents (256 tokens) take the blockwise path."""
+    monkeypatch.setattr(attention, "DEFAULT_BLOCK_SIZE", 16)
+
+
+@pytest.mark.parametrize("batch,queries,keys,dim", [(4, 64, 64, 8), (2, 96, 7, 16), (3, 40, 40, 4), (1, 16, 16, 8)])
+def test_blockwise_equals_the_plain_formula(batch, queries, keys, dim):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((batch, n, dim), np.float32) for n in (queries, keys, keys))
+    scores = np.einsum("bid,bjd->bij", q, k) * dim**-0.5
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = (probs / probs.sum(-1, keepdims=True)) @ v
+    out = jax.jit(lambda q, k, v: attention.blockwise_attention(q, k, v, dim**-0.5, block_size=16))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=KERNEL_TOLERANCE)
+
+
+@pytest.mark.parametrize("implementation", ["blockwise", "dot_product"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_interceptor_equals_diffusers_attention(implementation, cross, small_blocks):
+    import flax.linen as nn
+    from diffusers.models.attention_flax import FlaxAttention
+
+    module = FlaxAttention(query_dim=32, heads=4, dim_head=8)
+    rng = np.random.default_rng(1)
+    hidden = rng.standard_normal((2, 64, 32), np.float32)
+    context = rng.standard_normal((2, 7, 32), np.float32) if cross else None
+    params = module.init(jax.random.PRNGKey(0), hidden, context)
+    expected = module.apply(params, hidden, context)
+
+    def swapped(params, hidden, context):
+        with nn.intercept_methods(attention.attention_interceptor(implementation)):
+            return module.apply(params, hidden, context)
+
+    np.testing.assert_allclose(np.asarray(jax.jit(swapped)(params, hidden, context)), np.asarray(expected),
+                               rtol=0, atol=KERNEL_TOLERANCE)
+
+
+def test_blockwise_pipeline_matches_xla_and_pytorch(torch_pipeline, converted_model, small_blocks):
+    latents = np.random.RandomState(0).randn(1, 4, 16, 16).astype(np.float32)
+    args = ("on a sofa", make_image(0), "dog", "dog")
+    common = dict(guidance_scale=7.5, height=32, width=32, num_inference_steps=3, output_type="np", latents=latents)
+    images = {}
+    for name in ("blockwise", "xla"):
+        pipeline, params = FlaxBlipDiffusionPipeline.from_converted(converted_model, attention=name)
+        assert pipeline.attention == name
+        images[name] = pipeline(*args, params=params, **common).images
+    reference = torch_pipeline(*args, **{**common, "latents": torch.from_numpy(latents)}).images
+    np.testing.assert_allclose(images["blockwise"], images["xla"], rtol=0, atol=KERNEL_TOLERANCE)
+    np.testing.assert_allclose(images["blockwise"], reference, rtol=0, atol=IMAGE_TOLERANCE)
+
+
+def test_editing_keeps_its_control_with_the_blockwise_kernel(converted_model, small_blocks):
+    """Self-attention above the control resolution falls through to the kernel; the edit is unchanged."""
+    latents = np.random.RandomState(0).randn(1, 4, 16, 16).astype(np.float32)
+    edits = {}
+    for name in ("blockwise", "xla"):
+        pipeline, params = FlaxBlipDiffusionPipeline.from_converted(converted_model, attention=name)
+        edits[name] = pipeline.edit("on a sofa", make_image(0), "dog", "dog", "cat", params=params, latents=latents,
+                                    height=32, width=32, num_inference_steps=3, output_type="np").images
+    assert np.abs(edits["xla"][0] - edits["xla"][1]).max() > 1e-3  # the edit changes something
+    np.testing.assert_allclose(edits["blockwise"], edits["xla"], rtol=0, atol=KERNEL_TOLERANCE)
+
+
+def test_auto_picks_by_backend_and_bad_names_are_refused(tmp_path):
+    assert attention.resolve_implementation("auto") == ("blockwise" if jax.default_backend() == "cpu" else "dot_product")
+    assert attention.attention_interceptor("xla") is None
+    with pytest.raises(ValueError, match="attention='flash'"):
+        FlaxBlipDiffusionPipeline.from_pretrained(str(tmp_path / "not-there"), attention="flash")
