@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--compile-cache", default=None, metavar="DIR",
                      help="JAX persistent compilation cache (default: $BLIPDIFF_JAX_CACHE/jax-cache, ~/.cache/blipdiff-jax/jax-cache)")
     run.add_argument("--no-compile-cache", action="store_true", help="compile from scratch every run")
+    run.add_argument("--attention", default="auto", choices=["auto", "blockwise", "dot_product", "xla"],
+                     help="attention kernel in the UNet: auto = blockwise on CPU, jax.nn.dot_product_attention on "
+                          "GPU/TPU; xla = diffusers' own (default: %(default)s)")
 
     many = _OneLineParser(add_help=False)
     many.add_argument("--num-images", type=int, default=1, help="images to make, each from its own noise (default: 1)")
@@ -172,7 +175,7 @@ def _generate(args, clock) -> str:
 
         print("blipdiff-jax demo: tiny model with RANDOM weights (checks the install; the image is noise by design)")
         with tempfile.TemporaryDirectory() as workdir:
-            pipeline, params = FlaxBlipDiffusionPipeline.from_converted(tiny.build_tiny_model(workdir))
+            pipeline, params = FlaxBlipDiffusionPipeline.from_converted(tiny.build_tiny_model(workdir), attention=args.attention)
         image = args.image if args.image is not None else tiny.demo_reference_image()
         defaults = {"height": 64, "width": 64, "steps": 10}
     else:
@@ -185,10 +188,10 @@ def _generate(args, clock) -> str:
 
             control = args.control_image if args.canny is None else canny(args.control_image, *args.canny)
             pipeline, params = _load(args.model, args.qformer_tokenizer, FlaxBlipDiffusionControlNetPipeline,
-                                     controlnet=args.controlnet)
+                                     controlnet=args.controlnet, attention=args.attention)
             call_extra = {"conditioning_image": control, "controlnet_conditioning_scale": args.controlnet_scale}
         else:
-            pipeline, params = _load(args.model, args.qformer_tokenizer)
+            pipeline, params = _load(args.model, args.qformer_tokenizer, attention=args.attention)
         image = args.image
         defaults = {"height": 512, "width": 512, "steps": 50}
     loaded = time.perf_counter()
@@ -220,7 +223,7 @@ def _edit(args, clock) -> str:
     import jax
 
     started = time.perf_counter()
-    pipeline, params = _load(args.model, args.qformer_tokenizer)
+    pipeline, params = _load(args.model, args.qformer_tokenizer, attention=args.attention)
     steps = 50 if args.steps is None else args.steps
     loaded = time.perf_counter()
     compiled_before = clock.seconds

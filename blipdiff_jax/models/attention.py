@@ -51,7 +51,9 @@ def blockwise_attention(query, key, value, scale: float, block_size: int | None 
         v = jax.lax.dynamic_index_in_dim(value, b, keepdims=False)
         return nn.softmax((q @ k.T) * scale, axis=-1) @ v
 
-    out = jax.lax.map(one_block, jnp.arange(batch * blocks))  # (batch * blocks, block_size, d)
+    # Checkpointed: under a gradient (fine-tuning) each block's probabilities are recomputed in the backward
+    # pass instead of stored, so training memory does not grow with queries x keys either.
+    out = jax.lax.map(jax.checkpoint(one_block), jnp.arange(batch * blocks))  # (batch * blocks, block_size, d)
     return out.reshape(batch, length, dim)
 
 

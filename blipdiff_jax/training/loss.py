@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from .. import components
 from .._quiet import silence_flax_deprecation
+from ..models.attention import attention_interceptor, intercept_attention
 
 # The UNet blocks wrapped in `nn.remat` when remat=True (diffusers' gradient checkpointing granularity).
 _UNET_BLOCKS = ("FlaxCrossAttnDownBlock2D", "FlaxDownBlock2D", "FlaxUNetMidBlock2DCrossAttn",
@@ -58,7 +59,8 @@ class DiffusionLoss:
     """Pure loss over `trainable` = {"unet", "subject_embeddings", ["text_encoder"]} and `frozen` = {"vae",
     ["text_encoder"]}. Modules compute in `compute_dtype` (fp32 master weights are cast by Flax inside)."""
 
-    def __init__(self, configs: dict, ctx_begin_pos: int, compute_dtype=jnp.float32, remat: bool = False):
+    def __init__(self, configs: dict, ctx_begin_pos: int, compute_dtype=jnp.float32, remat: bool = False,
+                 attention: str = "auto"):
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.loss_dtype = jnp.promote_types(self.compute_dtype, jnp.float32)  # noise, schedule and loss: >= fp32
         self.unet = components.build_model("unet", configs["unet"], self.compute_dtype)
@@ -70,15 +72,17 @@ class DiffusionLoss:
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.ctx_begin_pos = int(ctx_begin_pos)
         self.remat = bool(remat)
+        self.attention = attention_interceptor(attention)  # blockwise on CPU: no (queries x keys) activations kept
 
     def _unet(self, params, noisy, timesteps, context):
         def apply(params, noisy, timesteps, context):
             return self.unet.apply({"params": params}, noisy, timesteps, context).sample
 
-        if not self.remat:
-            return apply(params, noisy, timesteps, context)
-        with _remat_unet_blocks():
-            return apply(params, noisy, timesteps, context)
+        with intercept_attention(self.attention):
+            if not self.remat:
+                return apply(params, noisy, timesteps, context)
+            with _remat_unet_blocks():
+                return apply(params, noisy, timesteps, context)
 
     def text_embeddings(self, text_params, input_ids, subject_embeddings, batch: int):
         ids = jnp.broadcast_to(input_ids, (batch, input_ids.shape[-1]))
