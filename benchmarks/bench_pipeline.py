@@ -130,14 +130,16 @@ def run_torch(model_dir: str, sizes: list[int], steps: int) -> dict:
     return {"sizes": results, "subject_encoding_s": encode, "peak_rss_gb": peak_rss_gb()}
 
 
-def run_jax(model_dir: str, sizes: list[int], steps: int, cache_dir: str) -> dict:
+def run_jax(model_dir: str, sizes: list[int], steps: int, cache_dir: str, dtype: str = "float32") -> dict:
     import jax
+    import jax.numpy as jnp
 
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from blipdiff_jax import FlaxBlipDiffusionPipeline
 
-    pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(model_dir)
+    pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(model_dir, dtype=jnp.dtype(dtype))
+    loaded_rss = peak_rss_gb()
     image = reference_image()
     start = time.perf_counter()
     jax.block_until_ready(pipeline.encode_subject(image, "dog", params))
@@ -157,7 +159,8 @@ def run_jax(model_dir: str, sizes: list[int], steps: int, cache_dir: str) -> dic
         results[size] = {"first_call_s": timing[steps][0], "image_s": image_s,
                          "step_s": (timing[2 * steps][1] - image_s) / steps, "compile_s": timing[steps][0] - image_s}
     return {"sizes": results, "subject_encoding_s": encode, "subject_encoding_first_s": first_encode,
-            "peak_rss_gb": peak_rss_gb(), "device": str(jax.devices()[0])}
+            "peak_rss_gb": peak_rss_gb(), "peak_rss_after_loading_gb": loaded_rss, "device": str(jax.devices()[0]),
+            "attention": pipeline.attention}
 
 
 # --------------------------------------------------------------------------- driver
@@ -184,6 +187,16 @@ def table(runs: dict, sizes: list[int], steps: int) -> str:
         row(f"{size}px: compile, warm persistent cache", 0, w["compile_s"])
     row("subject encoding (steady)", torch_run["subject_encoding_s"], warm["subject_encoding_s"])
     row("peak RSS (whole process)", torch_run["peak_rss_gb"], max(cold["peak_rss_gb"], warm["peak_rss_gb"]), "GB")
+    if "jax_bf16" in runs:
+        bf16 = runs["jax_bf16"]
+        for size in [min(sizes)]:
+            row(f"{size}px: time per denoising step, bf16 params (ours) vs fp32 (PyTorch)",
+                torch_run["sizes"][str(size)]["step_s"], bf16["sizes"][str(size)]["step_s"])
+        row("peak RSS, bf16 params (ours) vs fp32 (PyTorch)", torch_run["peak_rss_gb"], bf16["peak_rss_gb"], "GB")
+    lines.append("")
+    lines.append(f"JAX attention kernel: {warm.get('attention')}. Peak RSS right after loading: PyTorch -, ours "
+                 f"{warm['peak_rss_after_loading_gb']:.2f} GB (fp32)"
+                 + (f", {runs['jax_bf16']['peak_rss_after_loading_gb']:.2f} GB (bf16)." if "jax_bf16" in runs else "."))
     return "\n".join(lines)
 
 
@@ -195,10 +208,12 @@ def main() -> None:
     parser.add_argument("--side", choices=["torch", "jax"], help=argparse.SUPPRESS)  # internal: one side per process
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--jax-cache", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help="also run the JAX side with bf16 params (warm cache)")
     args = parser.parse_args()
     if args.side:
         result = run_torch(args.model, args.sizes, args.steps) if args.side == "torch" else \
-            run_jax(args.model, args.sizes, args.steps, args.jax_cache)
+            run_jax(args.model, args.sizes, args.steps, args.jax_cache, args.dtype)
         print("RESULT " + json.dumps(result), flush=True)
         return
     if not os.path.isfile(FULL_CONFIG):
@@ -207,10 +222,13 @@ def main() -> None:
     torch_dir, flax_dir = ensure_models(args.workdir)
     jax_cache = os.path.join(args.workdir, f"jax-cache-{os.getpid()}")
     runs = {}
-    for name, side, model in (("torch", "torch", torch_dir), ("jax_cold", "jax", flax_dir), ("jax_warm", "jax", flax_dir)):
+    sides = [("torch", "torch", torch_dir, "float32"), ("jax_cold", "jax", flax_dir, "float32"),
+             ("jax_warm", "jax", flax_dir, "float32")] + ([("jax_bf16", "jax", flax_dir, "bfloat16")] if args.bf16 else [])
+    for name, side, model, dtype in sides:
         print(f"running {name} ...", flush=True)
+        sizes = [min(args.sizes)] if dtype == "bfloat16" else args.sizes  # bf16: memory, and one size's speed
         command = [sys.executable, __file__, "--side", side, "--model", model, "--jax-cache", jax_cache,
-                   "--steps", str(args.steps), "--sizes", *map(str, args.sizes)]
+                   "--steps", str(args.steps), "--dtype", dtype, "--sizes", *map(str, sizes)]
         output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         runs[name] = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
     report = table(runs, args.sizes, args.steps)

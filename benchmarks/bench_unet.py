@@ -12,7 +12,9 @@ measured here.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import os
 import subprocess
 import sys
@@ -72,6 +74,11 @@ def run_jax(model_dir: str, size: int, repeats: int, attentions: list[str]) -> d
     latents, t, context = inputs(size)
     reference = np.load(os.path.join(HERE, ".cache", f"unet-torch-{size}.npy"))
     results = {}
+    # FLOPs of the step as XLA counts them with diffusers' own attention (a while loop's body would be
+    # counted once, so the blockwise program's own count is not used).
+    plain = jax.jit(lambda p, x, t, c: pipeline.unet.apply({"params": p}, x, t, c).sample)
+    cost = plain.lower(unet_params, latents, t, context).cost_analysis()
+    flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0))
     for attention in attentions:
         interceptor = attention_interceptor(attention)
 
@@ -84,7 +91,8 @@ def run_jax(model_dir: str, size: int, repeats: int, attentions: list[str]) -> d
 
         first, times, out = timed(lambda: jax.block_until_ready(step(unet_params, latents, t, context)), repeats)
         error = float(np.abs(np.asarray(out) - reference).max() / np.abs(reference).max())
-        results[attention] = {"first_s": first, "step_s": min(times), "rel_error_vs_torch": error}
+        results[attention] = {"first_s": first, "step_s": min(times), "rel_error_vs_torch": error,
+                              "tflop_per_step": flops / 1e12, "device": str(jax.devices()[0])}
     return results
 
 
@@ -123,12 +131,18 @@ def main() -> None:
             rows.append((side, flags or "-", name, r))
             print(side, flags or "-", name, json.dumps(r), flush=True)
     torch_step = rows[0][3]["step_s"]
-    print(f"\nUNet step, batch 2, {args.size}x{args.size}, fp32\n")
-    print("| side | XLA_FLAGS | attention | step | vs PyTorch | first call | max rel. error vs PyTorch |")
-    print("|---|---|---|---|---|---|---|")
+    flops = next((r["tflop_per_step"] for *_, r in rows if "tflop_per_step" in r), 0.0) * 1e12
+    lines = [f"UNet step, batch 2, {args.size}x{args.size}, fp32, {datetime.date.today()}, {platform.machine()} "
+             f"({os.cpu_count()} cores; {platform.processor() or 'cpu'}); XLA counts {flops / 1e12:.2f} TFLOP per step.", "",
+             "| side | XLA_FLAGS | attention | step | ours / PyTorch | GFLOP/s | first call | max rel. error vs PyTorch |",
+             "|---|---|---|---|---|---|---|---|"]
     for side, flags, name, r in rows:
         error = f"{r['rel_error_vs_torch']:.1e}" if "rel_error_vs_torch" in r else "-"
-        print(f"| {side} | {flags} | {name} | {r['step_s']:.2f} s | {r['step_s'] / torch_step:.2f} | {r['first_s']:.1f} s | {error} |")
+        lines.append(f"| {side} | {flags} | {name} | {r['step_s']:.2f} s | {r['step_s'] / torch_step:.2f} | "
+                     f"{flops / r['step_s'] / 1e9:.0f} | {r['first_s']:.1f} s | {error} |")
+    print("\n".join(lines))
+    with open(os.path.join(HERE, f"results-unet-{args.size}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

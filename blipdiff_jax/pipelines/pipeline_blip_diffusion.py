@@ -130,7 +130,7 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
                 raise FileNotFoundError(f"path: model directory {path!r} does not exist")
             if not is_converted_directory(path) and os.path.isfile(os.path.join(path, "unet", "config.json")):
                 raise ValueError(f"path: {path!r} is a PyTorch (diffusers) directory; pass from_pt=True or convert it first")
-            model = load_converted(path)
+            model = load_converted(path, dtype=dtype)
         return cls.from_converted(model, dtype=dtype, scheduler=scheduler, attention=attention)
 
     @staticmethod
@@ -421,10 +421,18 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             if mesh is not None:
                 from jax.sharding import NamedSharding, PartitionSpec
 
+                if mesh.is_multi_process:
+                    # Onto a mesh spanning processes, device_put takes host data (the same in every process).
+                    batch, params = jax.device_get((batch, params))
                 batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])))
                 params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
             result = self._generate_jit(params, batch, scalars, rng, num_inference_steps=num_inference_steps,
                                         do_cfg=do_cfg, progress=progress)
+            if mesh is not None and mesh.is_multi_process:
+                # Multi-host: the outputs span other processes' devices; every process gets the whole batch.
+                from jax.experimental.multihost_utils import process_allgather
+
+                result = process_allgather(result, tiled=True)
         result = jax.device_get(result)
         jax.effects_barrier()  # every progress callback has run
         images = np.asarray(result["images"], dtype=np.float32)

@@ -40,7 +40,7 @@ class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
                                            attention=attention, **kwargs)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"path: model directory {path!r} does not exist")
-        model = load_converted(os.fspath(path))
+        model = load_converted(os.fspath(path), dtype=dtype)
         if controlnet is not None:
             from convert.pytorch_dir import read_controlnet
 
