@@ -418,3 +418,22 @@ def test_cli_errors_name_the_flag(image_dir, tmp_path):
                                (["--images", image_dir, "--learning-rate", "-1"], ValueError, "--learning-rate")):
         with pytest.raises(error, match=flag):
             run_finetune(finetune_args(base + extra))
+
+
+def test_cli_takes_a_hub_id(converted_model, image_dir, tmp_path, monkeypatch):
+    """A Hub id resolves as for generate (downloaded and converted once); offline and uncached, the error
+    names --model and the id."""
+    from blipdiff_jax import hub
+    from blipdiff_jax.checkpoint import save_converted
+    from blipdiff_jax.training.cli import run_finetune
+
+    base = ["--images", image_dir, "--subject", "dog", "--steps", "1", "--resolution", "16", "--batch-size", "4",
+            "--learning-rate", "1e-3", "--quiet"]
+    monkeypatch.setattr(hub, "_snapshot", lambda repo_id: None)
+    with pytest.raises(FileNotFoundError, match="--model: someorg/blipdiffusion is not in the local"):
+        run_finetune(finetune_args(["--model", "someorg/blipdiffusion", "--out", str(tmp_path / "a")] + base))
+    model_dir = save_converted(converted_model, str(tmp_path / "model"))
+    monkeypatch.setattr(hub, "resolve_hub_model", lambda repo_id, qformer_tokenizer=None: model_dir)
+    out = tmp_path / "b"
+    assert run_finetune(finetune_args(["--model", "someorg/blipdiffusion", "--out", str(out)] + base)) == str(out)
+    assert [e["step"] for e in read_log(out)] == [1]

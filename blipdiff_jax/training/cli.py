@@ -24,7 +24,7 @@ def add_finetune_parser(subparsers):
                     "of --images, all showing --subject. --out becomes a model directory (load it with "
                     "FlaxBlipDiffusionPipeline.from_pretrained(OUT)) that also holds checkpoints/, loss.jsonl and "
                     "previews/.")
-    p.add_argument("--model", required=True, help="converted directory (python -m convert) or a diffusers PyTorch directory")
+    p.add_argument("--model", required=True, help="converted directory (python -m convert), diffusers PyTorch directory, or Hub id")
     p.add_argument("--images", required=True, help="folder of images of the subject (other files are skipped)")
     p.add_argument("--subject", required=True, help="category word of the subject, e.g. dog")
     p.add_argument("--out", required=True, help="output directory (new, or an earlier run's with --resume)")
@@ -68,10 +68,14 @@ def run_finetune(args) -> str:
     with warnings.catch_warnings():  # fail before loading the model; the trainer warns about skipped files
         warnings.simplefilter("ignore")
         list_images(args.images, "--images")
-    if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"--model: no directory {args.model!r}")
+    from ..hub import is_hub_id, resolve_hub_model
+
+    if not os.path.isdir(args.model) and not is_hub_id(args.model):
+        raise FileNotFoundError(f"--model: no directory {args.model!r} (and not a Hub id like Salesforce/blipdiffusion)")
     try:
-        if is_converted_directory(args.model):
+        if is_hub_id(args.model):  # downloaded and converted once, as for generate
+            model = load_converted(resolve_hub_model(args.model, qformer_tokenizer=args.qformer_tokenizer))
+        elif is_converted_directory(args.model):
             model = load_converted(args.model)
         else:
             from convert.pytorch_dir import read_pytorch_directory
