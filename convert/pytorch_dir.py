@@ -180,7 +180,8 @@ def read_pytorch_directory(
         configs[name], params[name], weights_file = read_component(name, folder, state, f"{lavis_weights} ({name})")
         tensors = len(flatten_dict(params[name]))
         line = f"{name}: {tensors} params from {os.path.relpath(weights_file, src) if weights_file.startswith(src) else weights_file}"
-        bar.write(line) if progress else log(line)
+        with bar.external_write_mode():  # the caller's log prints above the bar, not through it
+            log(line)
         bar.update(1)
     bar.close()
     configs["scheduler"] = _read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
