@@ -66,16 +66,19 @@ def test_blockwise_pipeline_matches_xla_and_pytorch(torch_pipeline, converted_mo
     np.testing.assert_allclose(images["blockwise"], reference, rtol=0, atol=IMAGE_TOLERANCE)
 
 
-def test_editing_keeps_its_control_with_the_blockwise_kernel(converted_model, small_blocks):
-    """Self-attention above the control resolution falls through to the kernel; the edit is unchanged."""
-    latents = np.random.RandomState(0).randn(1, 4, 16, 16).astype(np.float32)
+def test_real_image_editing_with_the_blockwise_kernel(converted_model, small_blocks):
+    """DDIM inversion runs every attention through the kernel; the controlled edit loop hands it the layers the
+    controller leaves alone (none in the tiny UNet, whose only cross-attention level is the control
+    resolution). Inversion amplifies float rounding: measured 1.3e-3 from diffusers' attention, held to the
+    image tolerance of the PyTorch parity tests."""
     edits = {}
     for name in ("blockwise", "xla"):
         pipeline, params = FlaxBlipDiffusionPipeline.from_converted(converted_model, attention=name)
-        edits[name] = pipeline.edit("on a sofa", make_image(0), "dog", "dog", "cat", params=params, latents=latents,
-                                    height=32, width=32, num_inference_steps=3, output_type="np").images
+        edits[name] = pipeline.edit("on a sofa", make_image(0), "dog", "dog", "cat", image=make_image(5, (40, 40)),
+                                    params=params, prng_seed=jax.random.PRNGKey(0), height=32, width=32,
+                                    num_inference_steps=3, output_type="np").images
     assert np.abs(edits["xla"][0] - edits["xla"][1]).max() > 1e-3  # the edit changes something
-    np.testing.assert_allclose(edits["blockwise"], edits["xla"], rtol=0, atol=KERNEL_TOLERANCE)
+    np.testing.assert_allclose(edits["blockwise"], edits["xla"], rtol=0, atol=IMAGE_TOLERANCE)
 
 
 def test_auto_picks_by_backend_and_bad_names_are_refused(tmp_path):
