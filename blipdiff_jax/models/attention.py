@@ -11,6 +11,9 @@ Implementations ("auto" picks by backend):
 - "blockwise": the cache-sized blocks above (default on CPU);
 - "dot_product": `jax.nn.dot_product_attention` (default on GPU/TPU; fused on GPU in fp16/bf16);
 - "xla": diffusers' own attention, untouched.
+
+On CPU, every choice but "xla" also runs the UNet's small convolutions as matmuls (models/conv.py): "xla"
+is diffusers' UNet exactly as shipped, the reference the other choices are tested against.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from diffusers.models.attention_flax import FlaxAttention
+
+from .conv import matmul_conv, takes_matmul
 
 IMPLEMENTATIONS = ("auto", "blockwise", "dot_product", "xla")
 DEFAULT_BLOCK_SIZE = 256
@@ -73,14 +78,19 @@ def attend(module: FlaxAttention, hidden_states, context, implementation: str, b
 
 
 def attention_interceptor(implementation: str = "auto", block_size: int | None = None):
-    """An interceptor for `nn.intercept_methods` that runs every `FlaxAttention` with `implementation`;
-    None for "xla" (nothing to intercept)."""
+    """An interceptor for `nn.intercept_methods` that runs every `FlaxAttention` with `implementation` (and,
+    on CPU, small convolutions as matmuls); None for "xla" (nothing to intercept)."""
     implementation = resolve_implementation(implementation)
     if implementation == "xla":
         return None
+    matmul_convs = jax.default_backend() == "cpu"
 
     def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__" or not isinstance(context.module, FlaxAttention):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if matmul_convs and isinstance(context.module, nn.Conv) and takes_matmul(context.module, args[0]):
+            return matmul_conv(context.module, args[0])
+        if not isinstance(context.module, FlaxAttention):
             return next_fun(*args, **kwargs)
         hidden_states = args[0]
         encoder = args[1] if len(args) > 1 else kwargs.get("context")
