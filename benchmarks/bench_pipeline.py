@@ -131,6 +131,10 @@ def run_torch(model_dir: str, sizes: list[int], steps: int) -> dict:
 
 
 def run_jax(model_dir: str, sizes: list[int], steps: int, cache_dir: str, dtype: str = "float32") -> dict:
+    import blipdiff_jax
+
+    if dtype != "float32":  # bf16 on CPU: XLA's memory-aware scheduler (blipdiff_jax/compilation.py)
+        blipdiff_jax.prefer_memory_on_cpu()
     import jax
     import jax.numpy as jnp
 

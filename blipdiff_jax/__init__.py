@@ -1,6 +1,7 @@
 """blipdiff-jax: BLIP-Diffusion (subject-driven generation and editing) in JAX/Flax."""
 
 from ._quiet import silence_flax_deprecation
+from .compilation import prefer_memory_on_cpu
 
 silence_flax_deprecation()
 
@@ -16,4 +17,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput", "FlaxBlipDiffusionControlNetPipeline", "__version__"]
+__all__ = ["FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput", "FlaxBlipDiffusionControlNetPipeline", "__version__",
+           "prefer_memory_on_cpu"]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import components
+from .. import compilation, components
 from .._quiet import silence_flax_deprecation
 from ..checkpoint import ConvertedModel, is_converted_directory, load_converted
 from ..image_processing import numpy_to_pil, preprocess_reference
@@ -66,9 +66,19 @@ def check_scheduler(scheduler):
                          "DPM-Solver multistep, Euler or DDPM")
 
 
+def _advise_memory_aware_scheduler(dtype) -> None:
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if low_precision and jax.default_backend() == "cpu" and not compilation.memory_aware_cpu_scheduler():
+        warnings.warn(
+            f"{jnp.dtype(dtype).name} params on CPU: XLA's default scheduler converts every weight to fp32 up front "
+            f"(an fp32 model copy in memory); call blipdiff_jax.prefer_memory_on_cpu() before JAX starts, or set "
+            f"XLA_FLAGS={compilation.MEMORY_AWARE_FLAG}", stacklevel=3)
+
+
 class FlaxBlipDiffusionPipeline(EditingMixin):
     def __init__(self, model: ConvertedModel, *, dtype=jnp.float32, scheduler=None, attention: str = "auto"):
         self.dtype = dtype
+        _advise_memory_aware_scheduler(dtype)
         # The attention kernel every UNet/ControlNet attention runs (models/attention.py); fixed at construction
         # because the compiled programs bake it in.
         self.attention = resolve_implementation(attention)

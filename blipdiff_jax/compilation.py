@@ -1,0 +1,40 @@
+"""XLA's CPU scheduler, and why bf16 on CPU wants its memory-aware one.
+
+XLA's CPU backend schedules for concurrency by default: work that depends on nothing else runs as early as it
+can, whatever that costs in memory. With bf16 (or fp16) weights that is a whole fp32 model copy: the CPU has
+no bf16 matmul, so XLA converts every weight to fp32 before use, and as each convert depends only on a
+parameter, all of them are scheduled first and live at once. Measured on the real-size model: a 256x256
+generation with 1.9 GiB of bf16 weights needed 3.7 GiB of temporaries, the subject encoder 1.7 GiB for
+0.9 GiB of weights; with the memory-aware scheduler, 0.33 GiB and 0.03 GiB. In fp32 it changes no memory
+(0.75 GiB at 512x512 either way) and cost 13% of a 256x256 UNet step, so it is not forced on everyone.
+
+XLA reads the choice once per process, from XLA_FLAGS, when JAX starts its backends; a per-program
+`compiler_options` does not reach it. Hence `prefer_memory_on_cpu()`, to call before JAX starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+FLAG_NAME = "xla_cpu_enable_concurrency_optimized_scheduler"
+MEMORY_AWARE_FLAG = f"--{FLAG_NAME}=false"
+
+
+def memory_aware_cpu_scheduler() -> bool:
+    """Whether XLA_FLAGS asks for the memory-aware CPU scheduler."""
+    return MEMORY_AWARE_FLAG in os.environ.get("XLA_FLAGS", "").split()
+
+
+def prefer_memory_on_cpu() -> bool:
+    """Add `MEMORY_AWARE_FLAG` to XLA_FLAGS for this process, unless XLA_FLAGS already chooses a CPU scheduler.
+    Takes effect only before JAX starts its backends (before the first computation or `jax.devices()`);
+    returns whether the memory-aware scheduler is what this process will use."""
+    from jax._src import xla_bridge
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if FLAG_NAME in flags:
+        return memory_aware_cpu_scheduler()
+    if xla_bridge.backends_are_initialized():
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {MEMORY_AWARE_FLAG}".strip()
+    return True
