@@ -55,7 +55,7 @@ def test_bf16_pipeline_on_cpu_advises_the_flag(converted_model, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     with pytest.warns(UserWarning, match="prefer_memory_on_cpu"):
         FlaxBlipDiffusionPipeline(converted_model, dtype=jnp.bfloat16)
-    monkeypatch.setenv("XLA_FLAGS", compilation.MEMORY_AWARE_FLAG)
+    monkeypatch.setenv("XLA_FLAGS", compilation.RECOMMENDED_XLA_FLAGS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FlaxBlipDiffusionPipeline(converted_model, dtype=jnp.bfloat16)

@@ -72,7 +72,7 @@ def _advise_memory_aware_scheduler(dtype) -> None:
         warnings.warn(
             f"{jnp.dtype(dtype).name} params on CPU: XLA's default scheduler converts every weight to fp32 up front "
             f"(an fp32 model copy in memory); call blipdiff_jax.prefer_memory_on_cpu() before JAX starts, or set "
-            f"XLA_FLAGS={compilation.MEMORY_AWARE_FLAG}", stacklevel=3)
+            f"XLA_FLAGS='{compilation.RECOMMENDED_XLA_FLAGS}'", stacklevel=3)
 
 
 class FlaxBlipDiffusionPipeline(EditingMixin):
