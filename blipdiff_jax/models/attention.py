@@ -88,8 +88,11 @@ def attention_interceptor(implementation: str = "auto", block_size: int | None =
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
-        if matmul_convs and isinstance(context.module, nn.Conv) and takes_matmul(context.module, args[0]):
-            return matmul_conv(context.module, args[0])
+        if matmul_convs and isinstance(context.module, nn.Conv):
+            inputs = args[0] if args else kwargs.get("inputs")
+            if takes_matmul(context.module, inputs):  # False for inputs None (not an array)
+                return matmul_conv(context.module, inputs)
+            return next_fun(*args, **kwargs)
         if not isinstance(context.module, FlaxAttention):
             return next_fun(*args, **kwargs)
         hidden_states = args[0]

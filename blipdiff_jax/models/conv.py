@@ -23,7 +23,7 @@ def _padding_is(padding, pad: int) -> bool:
         return True
     if pad == 1 and padding == "SAME":
         return True
-    return padding in (pad, ((pad, pad), (pad, pad)), [(pad, pad), (pad, pad)], ((pad, pad),) * 2)
+    return padding in (pad, ((pad, pad), (pad, pad)), [(pad, pad), (pad, pad)])
 
 
 def takes_matmul(module: nn.Module, inputs) -> bool:
