@@ -40,7 +40,9 @@ def reference_image():
 # --------------------------------------------------------------------------- model building (once)
 
 
-def build_torch_model(path: str, bert_dir: str) -> None:
+def build_torch_model(path: str, bert_dir: str, full: dict | None = None, dtype=None) -> None:
+    """The architecture of `full` (default: the real one) with random weights, saved by `save_pretrained`
+    (in `dtype` when given). Built on torch's default device: the GPU benchmark builds on the GPU."""
     import torch
     from diffusers import AutoencoderKL, BlipDiffusionPipeline, PNDMScheduler, UNet2DConditionModel
     from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
@@ -50,12 +52,14 @@ def build_torch_model(path: str, bert_dir: str) -> None:
 
     from blipdiff_jax import tiny
 
-    with open(FULL_CONFIG) as f:
-        full = json.load(f)
+    if full is None:
+        with open(FULL_CONFIG) as f:
+            full = json.load(f)
     torch.manual_seed(0)
     qconfig = Blip2Config(**{k: full["qformer"][k] for k in ("num_query_tokens", "vision_config", "qformer_config")})
     qconfig.tokenizer = bert_dir
     vocab = full["text_encoder"]["vocab_size"]
+    reference_size = full["qformer"]["vision_config"].get("image_size", 224)
     clip_dir = tiny.write_clip_tokenizer(os.path.join(path + "-tokenizers", "clip"))  # ids stay < 514 < vocab
     pipeline = BlipDiffusionPipeline(
         tokenizer=CLIPTokenizer.from_pretrained(clip_dir),
@@ -64,9 +68,12 @@ def build_torch_model(path: str, bert_dir: str) -> None:
         unet=UNet2DConditionModel(**full["unet"]),
         scheduler=PNDMScheduler(**{k: v for k, v in full["scheduler"].items() if not k.startswith("_")}),
         qformer=Blip2QFormerModel(qconfig),
-        image_processor=BlipImageProcessor(size={"height": 224, "width": 224}, resample=3, do_center_crop=True),
+        image_processor=BlipImageProcessor(size={"height": reference_size, "width": reference_size}, resample=3,
+                                           do_center_crop=True),
         ctx_begin_pos=2, mean=full["pipeline"]["mean"], std=full["pipeline"]["std"],
     )
+    if dtype is not None:
+        pipeline.to(dtype=dtype)
     pipeline.save_pretrained(path)
 
 

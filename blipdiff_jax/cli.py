@@ -45,9 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--compile-cache", default=None, metavar="DIR",
                      help="JAX persistent compilation cache (default: $BLIPDIFF_JAX_CACHE/jax-cache, ~/.cache/blipdiff-jax/jax-cache)")
     run.add_argument("--no-compile-cache", action="store_true", help="compile from scratch every run")
-    run.add_argument("--attention", default="auto", choices=["auto", "blockwise", "dot_product", "xla"],
-                     help="attention kernel in the UNet: auto = blockwise on CPU, jax.nn.dot_product_attention on "
-                          "GPU/TPU; xla = diffusers' own (default: %(default)s)")
+    run.add_argument("--attention", default="auto", choices=["auto", "blockwise", "cudnn", "dot_product", "xla"],
+                     help="attention kernel in the UNet: auto = blockwise on CPU, cuDNN's fused kernel on GPU, "
+                          "jax.nn.dot_product_attention on TPU; xla = diffusers' own (default: %(default)s)")
 
     many = _OneLineParser(add_help=False)
     many.add_argument("--num-images", type=int, default=1, help="images to make, each from its own noise (default: 1)")

@@ -31,7 +31,7 @@ def test_blockwise_equals_the_plain_formula(batch, queries, keys, dim):
     np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=KERNEL_TOLERANCE)
 
 
-@pytest.mark.parametrize("implementation", ["blockwise", "dot_product"])
+@pytest.mark.parametrize("implementation", ["blockwise", "dot_product", "cudnn"])  # cudnn: XLA's form off GPU
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
 def test_interceptor_equals_diffusers_attention(implementation, cross, small_blocks):
     import flax.linen as nn
@@ -82,7 +82,8 @@ def test_real_image_editing_with_the_blockwise_kernel(converted_model, small_blo
 
 
 def test_auto_picks_by_backend_and_bad_names_are_refused(tmp_path):
-    assert attention.resolve_implementation("auto") == ("blockwise" if jax.default_backend() == "cpu" else "dot_product")
+    expected = {"cpu": "blockwise", "gpu": "cudnn"}.get(jax.default_backend(), "dot_product")
+    assert attention.resolve_implementation("auto") == expected
     assert attention.attention_interceptor("xla") is None
     with pytest.raises(ValueError, match="attention='flash'"):
         FlaxBlipDiffusionPipeline.from_pretrained(str(tmp_path / "not-there"), attention="flash")

@@ -5,11 +5,13 @@ self-attentions write 2 x 8 x 4096 x 4096 fp32 scores (1 GiB) per call and XLA's
 a UNet step moving them through memory. Here the same softmax(q k^T * scale) v is computed `block_size`
 queries of one (batch, head) at a time inside a `lax.map`, so each score block (block_size x keys) stays in
 cache; the result is the same up to float rounding (~1e-7). On GPU, `jax.nn.dot_product_attention` picks
-the fused cuDNN kernel when it can.
+cuDNN's fused (flash) kernel, which never writes the scores to memory either.
 
 Implementations ("auto" picks by backend):
 - "blockwise": the cache-sized blocks above (default on CPU);
-- "dot_product": `jax.nn.dot_product_attention` (default on GPU/TPU; fused on GPU in fp16/bf16);
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused kernel (default on GPU);
+  it takes fp16/bf16 only, so fp32 programs, and any shape cuDNN refuses, get "dot_product" instead;
+- "dot_product": `jax.nn.dot_product_attention` as XLA lowers it (default on TPU);
 - "xla": diffusers' own attention, untouched.
 
 On CPU, every choice but "xla" also runs the UNet's small convolutions as matmuls (models/conv.py): "xla"
@@ -27,7 +29,8 @@ from diffusers.models.attention_flax import FlaxAttention
 
 from .conv import matmul_conv, takes_matmul
 
-IMPLEMENTATIONS = ("auto", "blockwise", "dot_product", "xla")
+IMPLEMENTATIONS = ("auto", "blockwise", "cudnn", "dot_product", "xla")
+FUSED_DTYPES = (jnp.float16, jnp.bfloat16)
 DEFAULT_BLOCK_SIZE = 256
 
 
@@ -35,8 +38,20 @@ def resolve_implementation(implementation: str) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention={implementation!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
     if implementation == "auto":
-        return "blockwise" if jax.default_backend() == "cpu" else "dot_product"
+        return {"cpu": "blockwise", "gpu": "cudnn"}.get(jax.default_backend(), "dot_product")
     return implementation
+
+
+def dot_product_attention(query, key, value, scale: float, fused: bool = False):
+    """`jax.nn.dot_product_attention` on (B, L, H, d) inputs; with `fused`, cuDNN's kernel where it applies
+    (a GPU, fp16/bf16, a head size cuDNN takes), else XLA's formulation. cuDNN's checks run at trace time,
+    so a refusal falls back here rather than failing the compile."""
+    if fused and jax.default_backend() == "gpu" and query.dtype in FUSED_DTYPES:
+        try:
+            return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation="cudnn")
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    return jax.nn.dot_product_attention(query, key, value, scale=scale)
 
 
 def blockwise_attention(query, key, value, scale: float, block_size: int | None = None):
@@ -66,9 +81,9 @@ def attend(module: FlaxAttention, hidden_states, context, implementation: str, b
     """What `FlaxAttention.__call__` computes (dropout is 0 in inference), with the chosen kernel."""
     source = hidden_states if context is None else context
     query, key, value = module.query(hidden_states), module.key(source), module.value(source)
-    if implementation == "dot_product":
+    if implementation in ("dot_product", "cudnn"):
         split = lambda x: x.reshape(x.shape[0], x.shape[1], module.heads, -1)  # noqa: E731  (B, L, H, d)
-        out = jax.nn.dot_product_attention(split(query), split(key), split(value), scale=module.scale)
+        out = dot_product_attention(split(query), split(key), split(value), module.scale, implementation == "cudnn")
         out = out.reshape(out.shape[0], out.shape[1], -1)
     else:
         out = blockwise_attention(*(module.reshape_heads_to_batch_dim(x) for x in (query, key, value)),

@@ -127,8 +127,8 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         """Returns `(pipeline, params)`. `path`: a converted directory (`python -m convert`); with
         `from_pt=True` a diffusers-layout PyTorch directory converted on the fly (needs torch only for `.bin`);
         or a Hub id such as "Salesforce/blipdiffusion", downloaded, converted once and cached.
-        `attention`: "auto" (blockwise on CPU, `jax.nn.dot_product_attention` elsewhere), "blockwise",
-        "dot_product", or "xla" (diffusers' UNet untouched); on CPU every choice but "xla" also runs the UNet's
+        `attention`: "auto" (blockwise on CPU, cuDNN's fused kernel on GPU, `jax.nn.dot_product_attention`
+        on TPU), "blockwise", "cudnn", "dot_product", or "xla" (diffusers' UNet untouched); on CPU every choice but "xla" also runs the UNet's
         small convolutions as matmuls. See `blipdiff_jax.models.attention` and `blipdiff_jax.models.conv`."""
         resolve_implementation(attention)  # a bad value fails before anything is loaded
         path = cls._resolve(path, qformer_tokenizer)
