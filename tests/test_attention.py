@@ -87,3 +87,36 @@ def test_auto_picks_by_backend_and_bad_names_are_refused(tmp_path):
     assert attention.attention_interceptor("xla") is None
     with pytest.raises(ValueError, match="attention='flash'"):
         FlaxBlipDiffusionPipeline.from_pretrained(str(tmp_path / "not-there"), attention="flash")
+
+
+def test_cudnn_is_asked_only_in_half_precision_on_gpu_and_a_refusal_falls_back(monkeypatch):
+    """cuDNN's kernel takes fp16/bf16 on a GPU; where it refuses a shape (its checks raise while tracing) the
+    same attention runs in XLA's formulation. Here the backend and cuDNN's answer are stand-ins."""
+    import jax.numpy as jnp
+
+    asked = []
+    plain = jax.nn.dot_product_attention
+
+    def stand_in(query, key, value, scale=None, implementation=None):
+        asked.append(implementation)
+        if implementation == "cudnn":
+            raise NotImplementedError("The head dim must be <= 256")
+        return plain(query, key, value, scale=scale)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    q, k, v = (jnp.asarray(np.random.default_rng(i).standard_normal((2, 8, 2, 8)), jnp.bfloat16) for i in range(3))
+    expected = plain(q, k, v, scale=0.3)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    attention.dot_product_attention(q, k, v, 0.3, fused=True)
+    assert asked == [None]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    asked.clear()
+    attention.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), 0.3, fused=True)
+    assert asked == [None]  # fp32: never asked
+    asked.clear()
+    out = attention.dot_product_attention(q, k, v, 0.3, fused=True)
+    assert asked == ["cudnn", None]
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+    asked.clear()
+    attention.dot_product_attention(q, k, v, 0.3, fused=False)
+    assert asked == [None]
