@@ -71,30 +71,12 @@ def unet_inputs(batch: int, latent: int, context_dim: int):
 
 
 def torch_pipeline(model_dir: str, device: str, dtype):
-    import torch
-    from diffusers import AutoencoderKL, BlipDiffusionPipeline, PNDMScheduler, UNet2DConditionModel
-    from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
-    from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
-    from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
-    from transformers import CLIPTokenizer
+    from bench_pipeline import load_torch_pipeline
 
-    sub = lambda name: os.path.join(model_dir, name)  # noqa: E731
-    with open(sub("model_index.json")) as f:
-        index = json.load(f)
-    load = dict(torch_dtype=dtype)
-    pipeline = BlipDiffusionPipeline(
-        tokenizer=CLIPTokenizer.from_pretrained(sub("tokenizer")),
-        text_encoder=ContextCLIPTextModel.from_pretrained(sub("text_encoder"), **load),
-        vae=AutoencoderKL.from_pretrained(sub("vae"), **load), unet=UNet2DConditionModel.from_pretrained(sub("unet"), **load),
-        scheduler=PNDMScheduler.from_pretrained(sub("scheduler")),
-        qformer=Blip2QFormerModel.from_pretrained(sub("qformer"), **load),
-        image_processor=BlipImageProcessor.from_pretrained(sub("image_processor")),
-        ctx_begin_pos=index["ctx_begin_pos"], mean=index["mean"], std=index["std"],
-    ).to(device)
+    pipeline, _ = load_torch_pipeline(model_dir, dtype, device)
     # diffusers hands the processor's fp32 pixels to the Q-Former as they are; in fp16 they must be cast.
     preprocess = pipeline.image_processor.preprocess
     pipeline.image_processor.preprocess = lambda *a, **k: {"pixel_values": preprocess(*a, **k)["pixel_values"].to(dtype)}
-    pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 

@@ -95,27 +95,36 @@ def ensure_models(workdir: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- one side, in its own process
 
 
-def run_torch(model_dir: str, sizes: list[int], steps: int) -> dict:
-    import torch
+def load_torch_pipeline(model_dir: str, dtype=None, device: str = "cpu"):
+    """diffusers' `BlipDiffusionPipeline` from the saved directory, in `dtype` (default: as saved) on `device`.
+    diffusers cannot load this directory back as a whole (its custom classes): load by component."""
     from diffusers import AutoencoderKL, BlipDiffusionPipeline, PNDMScheduler, UNet2DConditionModel
     from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
     from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
     from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
     from transformers import CLIPTokenizer
 
-    # diffusers cannot load this directory back as a whole (its custom classes): load by component.
     sub = lambda name: os.path.join(model_dir, name)  # noqa: E731
     with open(sub("model_index.json")) as f:
         index = json.load(f)
+    load = {"torch_dtype": dtype} if dtype is not None else {}
     pipeline = BlipDiffusionPipeline(
         tokenizer=CLIPTokenizer.from_pretrained(sub("tokenizer")),
-        text_encoder=ContextCLIPTextModel.from_pretrained(sub("text_encoder")),
-        vae=AutoencoderKL.from_pretrained(sub("vae")), unet=UNet2DConditionModel.from_pretrained(sub("unet")),
-        scheduler=PNDMScheduler.from_pretrained(sub("scheduler")), qformer=Blip2QFormerModel.from_pretrained(sub("qformer")),
+        text_encoder=ContextCLIPTextModel.from_pretrained(sub("text_encoder"), **load),
+        vae=AutoencoderKL.from_pretrained(sub("vae"), **load), unet=UNet2DConditionModel.from_pretrained(sub("unet"), **load),
+        scheduler=PNDMScheduler.from_pretrained(sub("scheduler")),
+        qformer=Blip2QFormerModel.from_pretrained(sub("qformer"), **load),
         image_processor=BlipImageProcessor.from_pretrained(sub("image_processor")),
         ctx_begin_pos=index["ctx_begin_pos"], mean=index["mean"], std=index["std"],
     )
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device), index
+
+
+def run_torch(model_dir: str, sizes: list[int], steps: int) -> dict:
+    import torch
+
+    pipeline, index = load_torch_pipeline(model_dir)
     image = reference_image()
     results = {}
     with torch.no_grad():
