@@ -115,8 +115,8 @@ def release_freed_memory() -> bool:
 
     Reading a checkpoint allocates and frees gigabytes of read buffers on orbax's and TensorStore's threads;
     glibc keeps that freed memory in its per-thread arenas, where the model never reuses it. Measured on the
-    real-size model in bf16: 0.45 GB held after loading, and the peak of a following generation 0.47 GB lower
-    once it is released."""
+    real-size model in bf16: 0.45 GB released right after loading; the peak of a 256px generation went from
+    5.04 to 4.89 GB (warm compilation cache) and from 5.36 to 5.05 GB (cold)."""
     import ctypes
     import ctypes.util
 
