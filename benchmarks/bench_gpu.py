@@ -39,14 +39,9 @@ DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, 
 
 def median_time(fn, repeats: int, sync) -> tuple[float, float]:
     """(first call, median of `repeats` further calls) in seconds; `sync` waits for the device."""
-    start = time.perf_counter()
-    sync(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - start)
+    from bench_unet import timed
+
+    first, times, _ = timed(lambda: sync(fn()), repeats)
     return first, statistics.median(times)
 
 
@@ -94,9 +89,9 @@ def run_torch(model_dir: str, args, device: str, dtype, latents, unet_in) -> dic
         first, step = median_time(lambda: unet(x, t, c).sample, args.repeats, sync)
         out["unet"] = {"first_s": first, "step_s": step}
         out["unet_output"] = unet(x, t, c).sample.float().cpu().numpy()
-        from blipdiff_jax.tiny import demo_reference_image
+        from bench_pipeline import reference_image
 
-        image = demo_reference_image(256)
+        image = reference_image()
         call = lambda: pipeline(["on the beach"] * args.batch, [image] * args.batch, ["dog"] * args.batch,  # noqa: E731
                                 ["dog"] * args.batch, latents=torch.from_numpy(latents).to(device, dtype),
                                 height=args.size, width=args.size, num_inference_steps=args.steps, output_type="np")
@@ -150,17 +145,14 @@ def unet_tflop(unet_config: dict, unet_in) -> float:
 def unet_step_fn(pipeline, implementation: str, loop_steps: int = 0):
     """One jitted UNet call; with `loop_steps`, that many calls in one program, each fed the last output
     (what the denoising loop does, without the host dispatching every step)."""
-    import flax.linen as nn
     import jax
 
-    from blipdiff_jax.models.attention import attention_interceptor
+    from blipdiff_jax.models.attention import attention_interceptor, intercept_attention
 
     interceptor = attention_interceptor(implementation)
 
     def step(p, x, t, c):
-        if interceptor is None:
-            return pipeline.unet.apply({"params": p}, x, t, c).sample
-        with nn.intercept_methods(interceptor):
+        with intercept_attention(interceptor):
             return pipeline.unet.apply({"params": p}, x, t, c).sample
 
     if loop_steps:
@@ -173,8 +165,9 @@ def run_jax(model_dir: str, args, dtype, latents, unet_in, reference_unet, deadl
     import jax.numpy as jnp
     import numpy as np
 
+    from bench_pipeline import reference_image
+
     from blipdiff_jax import FlaxBlipDiffusionPipeline
-    from blipdiff_jax.tiny import demo_reference_image
     from convert.pytorch_dir import read_pytorch_directory
 
     out = {"device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend()}
@@ -187,7 +180,7 @@ def run_jax(model_dir: str, args, dtype, latents, unet_in, reference_unet, deadl
 
     # The whole pipeline first, so the allocator's peak is the pipeline's own.
     pipeline, params = FlaxBlipDiffusionPipeline.from_converted(model, dtype=dtype)
-    image = demo_reference_image(256)
+    image = reference_image()
     call = lambda: pipeline(["on the beach"] * args.batch, [image] * args.batch, ["dog"] * args.batch,  # noqa: E731
                             ["dog"] * args.batch, params=params, latents=latents, height=args.size, width=args.size,
                             num_inference_steps=args.steps, output_type="np").images

@@ -61,12 +61,11 @@ def run_torch(model_dir: str, size: int, repeats: int) -> dict:
 
 
 def run_jax(model_dir: str, size: int, repeats: int, attentions: list[str]) -> dict:
-    import flax.linen as nn
     import jax
     import numpy as np
 
     from blipdiff_jax import FlaxBlipDiffusionPipeline
-    from blipdiff_jax.models.attention import attention_interceptor
+    from blipdiff_jax.models.attention import attention_interceptor, intercept_attention
 
     pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(model_dir)
     unet_params = params["unet"]
@@ -84,9 +83,7 @@ def run_jax(model_dir: str, size: int, repeats: int, attentions: list[str]) -> d
 
         @jax.jit
         def step(p, x, t, c):
-            if interceptor is None:
-                return pipeline.unet.apply({"params": p}, x, t, c).sample
-            with nn.intercept_methods(interceptor):
+            with intercept_attention(interceptor):
                 return pipeline.unet.apply({"params": p}, x, t, c).sample
 
         first, times, out = timed(lambda: jax.block_until_ready(step(unet_params, latents, t, context)), repeats)

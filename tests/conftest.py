@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random PyTorch BLIP-Diffusion models (the parity reference) built offline."""
 
 import os
+import shutil
+import tempfile
 
 # Four fake CPU devices for the multi-device tests; must be set before jax is imported anywhere. LLVM's
 # optimisation level 0 compiles the tiny test programs ~25% faster (the suite is mostly compilation); XLA's own
@@ -13,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # across test files, and each is compiled once per run.
 _RUN_CACHE_OWNER = "BLIPDIFF_TEST_RUN_CACHE" not in os.environ  # this process made it, and removes it at the end
 if _RUN_CACHE_OWNER:
-    os.environ["BLIPDIFF_TEST_RUN_CACHE"] = __import__("tempfile").mkdtemp(prefix="blipdiff-jax-cache-")
+    os.environ["BLIPDIFF_TEST_RUN_CACHE"] = tempfile.mkdtemp(prefix="blipdiff-jax-cache-")
 os.environ["BLIPDIFF_JAX_CACHE"] = os.environ["BLIPDIFF_TEST_RUN_CACHE"]
 
 import jax  # noqa: E402
@@ -29,7 +31,7 @@ from blipdiff_jax import tiny
 
 def pytest_unconfigure(config):
     if _RUN_CACHE_OWNER and not hasattr(config, "workerinput"):  # the xdist workers share it until the end
-        __import__("shutil").rmtree(os.environ["BLIPDIFF_TEST_RUN_CACHE"], ignore_errors=True)
+        shutil.rmtree(os.environ["BLIPDIFF_TEST_RUN_CACHE"], ignore_errors=True)
 
 
 SHARED_IMAGES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "images")

@@ -129,7 +129,8 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         or a Hub id such as "Salesforce/blipdiffusion", downloaded, converted once and cached.
         `attention`: "auto" (blockwise on CPU, cuDNN's fused kernel on GPU, `jax.nn.dot_product_attention`
         on TPU), "blockwise", "cudnn", "dot_product", or "xla" (diffusers' UNet untouched); on CPU every
-        choice but "xla" also runs the UNet's small convolutions as matmuls. See `blipdiff_jax.models.attention` and `blipdiff_jax.models.conv`."""
+        choice but "xla" also runs the UNet's small convolutions as matmuls. See `blipdiff_jax.models.attention`
+        and `blipdiff_jax.models.conv`."""
         resolve_implementation(attention)  # a bad value fails before anything is loaded
         path = cls._resolve(path, qformer_tokenizer)
         if from_pt and not is_converted_directory(path):
