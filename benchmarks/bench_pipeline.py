@@ -31,6 +31,11 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def current_rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 def reference_image():
     from blipdiff_jax.tiny import demo_reference_image
 
@@ -122,8 +127,10 @@ def load_torch_pipeline(model_dir: str, dtype=None, device: str = "cpu"):
 
 
 def run_torch(model_dir: str, sizes: list[int], steps: int) -> dict:
+    import diffusers  # noqa: F401
     import torch
 
+    imports_rss = current_rss_gb()
     pipeline, index = load_torch_pipeline(model_dir)
     image = reference_image()
     results = {}
@@ -143,7 +150,7 @@ def run_torch(model_dir: str, sizes: list[int], steps: int) -> dict:
                 timing.setdefault(n, []).append(time.perf_counter() - start)
             results[size] = {"first_call_s": timing[steps][0], "image_s": timing[steps][1],
                              "step_s": (timing[2 * steps][0] - timing[steps][1]) / steps, "compile_s": 0.0}
-    return {"sizes": results, "subject_encoding_s": encode, "peak_rss_gb": peak_rss_gb()}
+    return {"sizes": results, "subject_encoding_s": encode, "peak_rss_gb": peak_rss_gb(), "imports_rss_gb": imports_rss}
 
 
 def run_jax(model_dir: str, sizes: list[int], steps: int, cache_dir: str, dtype: str = "float32") -> dict:
@@ -165,6 +172,7 @@ def run_jax(model_dir: str, sizes: list[int], steps: int, cache_dir: str, dtype:
             compile_clock[0] += duration
 
     jax.monitoring.register_event_duration_secs_listener(listen)
+    imports_rss = current_rss_gb()
     pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(model_dir, dtype=jnp.dtype(dtype))
     loaded_rss = peak_rss_gb()
     image = reference_image()
@@ -191,7 +199,7 @@ def run_jax(model_dir: str, sizes: list[int], steps: int, cache_dir: str, dtype:
                          "compile_events_s": compile_events[steps]}
     return {"sizes": results, "subject_encoding_s": encode, "subject_encoding_first_s": first_encode,
             "peak_rss_gb": peak_rss_gb(), "peak_rss_after_loading_gb": loaded_rss, "device": str(jax.devices()[0]),
-            "attention": pipeline.attention}
+            "attention": pipeline.attention, "imports_rss_gb": imports_rss, "torch_imported": sys.modules.get("torch") is not None}
 
 
 # --------------------------------------------------------------------------- driver
@@ -201,13 +209,15 @@ def table(runs: dict, sizes: list[int], steps: int) -> str:
     torch_run, cold, warm = runs["torch"], runs["jax_cold"], runs["jax_warm"]
     lines = [
         f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU cores), fp32, random weights of "
-        f"the real size, PNDM, guidance 7.5, {steps} and {2 * steps} steps; JAX device: {cold.get('device')}.",
+        f"the real size, PNDM, guidance 7.5, {steps} and {2 * steps} steps; JAX device: {cold.get('device')}. The JAX "
+        f"side runs as a runtime install does, without torch (one extra run with torch importable). Memory in GiB.",
         "",
         "| metric | PyTorch | ours | ours / PyTorch |",
         "|---|---|---|---|",
     ]
 
     def row(name, a, b, unit="s"):
+        unit = "GiB" if unit == "GB" else unit
         lines.append(f"| {name} | {a:.2f} {unit} | {b:.2f} {unit} | {b / a:.2f} |" if a else f"| {name} | - | {b:.2f} {unit} | - |")
 
     for size in sizes:
@@ -233,10 +243,17 @@ def table(runs: dict, sizes: list[int], steps: int) -> str:
         if "jax_bf16_warm" in runs:
             row("peak RSS, bf16 params (ours) vs fp32 (PyTorch), warm persistent cache", torch_run["peak_rss_gb"],
                 runs["jax_bf16_warm"]["peak_rss_gb"], "GB")
+    row("RSS after imports (PyTorch: torch, diffusers; ours: blipdiff_jax, torch not importable)",
+        torch_run["imports_rss_gb"], warm["imports_rss_gb"], "GB")
+    if "jax_warm_torch" in runs:
+        with_torch = runs["jax_warm_torch"]
+        row(f"peak RSS, torch importable (diffusers imports it), warm cache, {max(sizes)}px only",
+            torch_run["peak_rss_gb"], with_torch["peak_rss_gb"], "GB")
+        row("RSS after imports, torch importable", torch_run["imports_rss_gb"], with_torch["imports_rss_gb"], "GB")
     lines.append("")
     lines.append(f"JAX attention kernel: {warm.get('attention')}. Peak RSS right after loading: PyTorch -, ours "
-                 f"{warm['peak_rss_after_loading_gb']:.2f} GB (fp32)"
-                 + (f", {runs['jax_bf16']['peak_rss_after_loading_gb']:.2f} GB (bf16)." if "jax_bf16" in runs else "."))
+                 f"{warm['peak_rss_after_loading_gb']:.2f} GiB (fp32)"
+                 + (f", {runs['jax_bf16']['peak_rss_after_loading_gb']:.2f} GiB (bf16)." if "jax_bf16" in runs else "."))
     return "\n".join(lines)
 
 
@@ -249,8 +266,13 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--jax-cache", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-importable", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bf16", action="store_true", help="also run the JAX side with bf16 params (cold, then warm cache)")
     args = parser.parse_args()
+    if args.side == "jax" and not args.torch_importable:
+        # As a runtime install runs (blipdiff_jax needs no torch): with torch installed, importing diffusers
+        # would import it (its logging module tries to), 0.3 GiB. One extra run measures that case.
+        sys.modules["torch"] = None
     if args.side:
         result = run_torch(args.model, args.sizes, args.steps) if args.side == "torch" else \
             run_jax(args.model, args.sizes, args.steps, args.jax_cache, args.dtype)
@@ -266,11 +288,14 @@ def main() -> None:
              ("jax_warm", "jax", flax_dir, "float32")]
     if args.bf16:  # cold, then warm from the cache the cold run filled
         sides += [("jax_bf16", "jax", flax_dir, "bfloat16"), ("jax_bf16_warm", "jax", flax_dir, "bfloat16")]
+    sides += [("jax_warm_torch", "jax", flax_dir, "float32")]  # the peak size again, torch importable
     for name, side, model, dtype in sides:
         print(f"running {name} ...", flush=True)
         sizes = [min(args.sizes)] if dtype == "bfloat16" else args.sizes  # bf16: memory, and one size's speed
+        sizes = [max(args.sizes)] if name == "jax_warm_torch" else sizes
         command = [sys.executable, __file__, "--side", side, "--model", model, "--jax-cache", jax_cache,
                    "--steps", str(args.steps), "--dtype", dtype, "--sizes", *map(str, sizes)]
+        command += ["--torch-importable"] if name == "jax_warm_torch" else []
         output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         runs[name] = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
     report = table(runs, args.sizes, args.steps)

@@ -15,6 +15,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from blipdiff_jax import components
 from blipdiff_jax.checkpoint import ConvertedModel
+from blipdiff_jax.host_memory import return_large_blocks_to_os
 
 from .mapping import map_state_dict
 from .state_dict import read_folder_weights
@@ -151,6 +152,7 @@ def read_pytorch_directory(
     src = os.path.abspath(src)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source directory {src} does not exist")
+    return_large_blocks_to_os()  # the readers' freed buffers then go back to the OS (blipdiff_jax/host_memory.py)
     missing = [name for name in REQUIRED if not os.path.isdir(os.path.join(src, name))]
     if missing:
         raise FileNotFoundError(f"{src} is not a diffusers BLIP-Diffusion directory: no {', '.join(missing)}/ folder")

@@ -1,4 +1,4 @@
-"""Loading returns the read buffers' freed memory to the OS (blipdiff_jax.checkpoint.release_freed_memory)."""
+"""Loading returns freed memory to the OS (blipdiff_jax.host_memory)."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from blipdiff_jax import checkpoint
+from blipdiff_jax import checkpoint, host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +40,60 @@ def test_freed_heap_memory_goes_back_to_the_os():
 def test_loading_a_converted_directory_releases_freed_memory(converted_model, tmp_path, monkeypatch):
     directory = checkpoint.save_converted(converted_model, str(tmp_path / "flax"))
     calls = []
-    monkeypatch.setattr(checkpoint, "release_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(checkpoint, "release_freed_memory", lambda: calls.append("trim") or True)
+    monkeypatch.setattr(checkpoint, "return_large_blocks_to_os", lambda: calls.append("threshold") or True)
     checkpoint.load_converted(directory)
-    assert calls == [1]
+    assert calls == ["threshold", "trim"]  # the threshold is pinned before the reads
+
+
+# One process per case: the threshold is process-wide. A freed 16 MiB block makes glibc raise its mmap
+# threshold past 1 MiB; 1 MiB blocks then come from the heap, and with every 20th kept alive, freeing the
+# others returns nothing to the OS unless the threshold was pinned first.
+LARGE_BLOCKS = """
+import os, sys
+from blipdiff_jax.host_memory import return_large_blocks_to_os
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+pinned = return_large_blocks_to_os() if sys.argv[1] == "pin" else False
+big = bytearray(16 << 20)
+del big
+before = rss()
+blocks = [bytearray(1 << 20) for _ in range(200)]
+kept = blocks[::20]
+del blocks
+print(pinned, rss() - before)
+"""
+
+
+def _large_blocks_retained(mode: str) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", host_memory.OPT_OUT_ENV)}
+    done = subprocess.run([sys.executable, "-c", LARGE_BLOCKS, mode], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(env, PYTHONPATH=ROOT), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pinned, retained = done.stdout.split()[-2:]
+    return pinned, int(retained)
+
+
+def test_pinned_mmap_threshold_returns_freed_large_blocks():
+    if host_memory._glibc() is None:
+        pytest.skip("not glibc: its mmap threshold does not exist here")
+    default_pinned, default_retained = _large_blocks_retained("default")
+    pinned, retained = _large_blocks_retained("pin")
+    assert (default_pinned, pinned) == ("False", "True")
+    # 180 MiB freed: glibc's default keeps it, the pinned threshold gives it back (10 MiB stay alive).
+    assert default_retained > 150 * 2**20, f"control: glibc kept only {default_retained / 2**20:.0f} MiB"
+    assert retained < 40 * 2**20, f"kept {retained / 2**20:.0f} MiB of 180 MiB freed"
+
+
+def test_the_threshold_is_left_alone_when_asked(monkeypatch):
+    monkeypatch.setenv(host_memory.OPT_OUT_ENV, "0")
+    assert host_memory.return_large_blocks_to_os() is False
+    monkeypatch.delenv(host_memory.OPT_OUT_ENV)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # glibc's own tunable: the user's choice
+    assert host_memory.return_large_blocks_to_os() is False
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threshold"):
+            host_memory.return_large_blocks_to_os(bad)

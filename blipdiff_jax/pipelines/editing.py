@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..image_processing import load_image, numpy_to_pil
 from ..models.attention import intercept_attention
+from ..models.param_check import traced_with_fast_param_check
 from .attention_control import (
     PLACEHOLDER,
     EditStatic,
@@ -209,9 +210,9 @@ class EditingMixin:
         cache = self.__dict__.setdefault("_edit_jits", {})
         if name not in cache:
             if name == "edit":
-                cache[name] = jax.jit(self._edit_program, static_argnames=("num_inference_steps", "do_cfg", "static", "real_image"))
+                cache[name] = jax.jit(traced_with_fast_param_check(self._edit_program), static_argnames=("num_inference_steps", "do_cfg", "static", "real_image"))
             else:
-                cache[name] = jax.jit(self._invert_program, static_argnames=("num_inference_steps",))
+                cache[name] = jax.jit(traced_with_fast_param_check(self._invert_program), static_argnames=("num_inference_steps",))
         return cache[name]
 
     # ---------------------------------------------------------------- public API

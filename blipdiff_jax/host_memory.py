@@ -1,0 +1,65 @@
+"""The C heap of the host process: when freed memory goes back to the OS (glibc only; elsewhere a no-op).
+
+A real-size model in fp32 is 5.8 GiB of params; everything else a generation needs is XLA's temporaries
+(0.75 GiB at 512x512) and buffers that XLA, TensorStore and orbax allocate and free by the thousand. glibc
+serves a block of 128 KiB or more with its own `mmap`, so freeing it unmaps it, but it raises that threshold
+(up to 32 MiB) every time such a block is freed. From then on, blocks of 128 KiB-32 MiB come from its heap
+arenas, and when freed they stay in the process. Pinning the threshold keeps them going back.
+
+Measured on the real-size model in fp32 (2-core CPU, one process each, warm compilation cache): loading
+peaked at 7.53 GiB with glibc's defaults and 6.61 GiB with the threshold pinned at 128 KiB; loading plus one
+512x512 generation at 8.35 and 7.79 GiB. The generation took the same time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+
+# glibc's default for the first threshold, and the value it is pinned at.
+MMAP_THRESHOLD = 128 * 1024
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's <malloc.h>
+# Set to "0" to leave the C heap as glibc configures it. A MALLOC_MMAP_THRESHOLD_ in the environment (glibc's
+# own tunable) is the user's choice and is left alone too.
+OPT_OUT_ENV = "BLIPDIFF_JAX_TUNE_MALLOC"
+
+
+@functools.lru_cache(maxsize=None)
+def _glibc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):
+            return libc
+    except OSError:
+        pass
+    return None  # musl, macOS, Windows
+
+
+def release_freed_memory() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc `malloc_trim`); False where there is no glibc.
+
+    Reading a checkpoint allocates and frees gigabytes of read buffers on orbax's and TensorStore's threads;
+    glibc keeps small freed blocks in its per-thread arenas, where the model never reuses them. Measured on
+    the real-size model in bf16 (before the threshold below was pinned): 0.45 GB released right after loading."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+def return_large_blocks_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Pin glibc's mmap threshold at `threshold` bytes, so every freed block at least that large is unmapped
+    at once (see the module docstring). Process-wide and lasting; returns whether it was set. Not set where
+    there is no glibc, when MALLOC_MMAP_THRESHOLD_ is in the environment, or when BLIPDIFF_JAX_TUNE_MALLOC=0."""
+    if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold <= 0:
+        raise ValueError(f"threshold must be a positive number of bytes, got {threshold!r}")
+    if os.environ.get(OPT_OUT_ENV, "1") == "0" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
