@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from .host_memory import release_freed_memory, return_large_blocks_to_os
+from .host_memory import returning_large_blocks
 
 FORMAT_NAME = "FlaxBlipDiffusionPipeline"
 PARAMS_DIR = "params"
@@ -150,7 +150,6 @@ def load_converted(path: str, dtype=None) -> ConvertedModel:
     `dtype` device arrays of that dtype (floating leaves), as the pipelines' `from_pretrained` uses them."""
     from transformers import BertTokenizer, CLIPTokenizer
 
-    return_large_blocks_to_os()  # before the reads: their buffers then go back to the OS when freed
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
@@ -167,8 +166,8 @@ def load_converted(path: str, dtype=None) -> ConvertedModel:
     for name in list(components) + ["scheduler", "image_processor"]:
         with open(_config_path(path, name)) as f:
             configs[name] = json.load(f)
-    params = _restore_params(os.path.join(path, PARAMS_DIR), dtype)
-    release_freed_memory()
+    with returning_large_blocks():  # the read buffers go back to the OS (host_memory.py)
+        params = _restore_params(os.path.join(path, PARAMS_DIR), dtype)
     missing = set(components) - set(params)
     if missing:
         raise ValueError(f"{path}/{PARAMS_DIR} lacks the params of {sorted(missing)}")

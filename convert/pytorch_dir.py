@@ -15,7 +15,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from blipdiff_jax import components
 from blipdiff_jax.checkpoint import ConvertedModel
-from blipdiff_jax.host_memory import return_large_blocks_to_os
+from blipdiff_jax.host_memory import returning_large_blocks
 
 from .mapping import map_state_dict
 from .state_dict import read_folder_weights
@@ -152,7 +152,6 @@ def read_pytorch_directory(
     src = os.path.abspath(src)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source directory {src} does not exist")
-    return_large_blocks_to_os()  # the readers' freed buffers then go back to the OS (blipdiff_jax/host_memory.py)
     missing = [name for name in REQUIRED if not os.path.isdir(os.path.join(src, name))]
     if missing:
         raise FileNotFoundError(f"{src} is not a diffusers BLIP-Diffusion directory: no {', '.join(missing)}/ folder")
@@ -176,15 +175,16 @@ def read_pytorch_directory(
         folders.setdefault("controlnet", os.path.join(src, "controlnet"))
     configs, params = {}, {}
     bar = _progress_bar(folders, progress)
-    for name, folder in folders.items():
-        bar.set_postfix_str(name)
-        state = lavis.get(name) if lavis is not None else None
-        configs[name], params[name], weights_file = read_component(name, folder, state, f"{lavis_weights} ({name})")
-        tensors = len(flatten_dict(params[name]))
-        line = f"{name}: {tensors} params from {os.path.relpath(weights_file, src) if weights_file.startswith(src) else weights_file}"
-        with bar.external_write_mode():  # the caller's log prints above the bar, not through it
-            log(line)
-        bar.update(1)
+    with returning_large_blocks():  # the readers' freed buffers go back to the OS (blipdiff_jax/host_memory.py)
+        for name, folder in folders.items():
+            bar.set_postfix_str(name)
+            state = lavis.get(name) if lavis is not None else None
+            configs[name], params[name], weights_file = read_component(name, folder, state, f"{lavis_weights} ({name})")
+            tensors = len(flatten_dict(params[name]))
+            line = f"{name}: {tensors} params from {os.path.relpath(weights_file, src) if weights_file.startswith(src) else weights_file}"
+            with bar.external_write_mode():  # the caller's log prints above the bar, not through it
+                log(line)
+            bar.update(1)
     bar.close()
     configs["scheduler"] = _read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
     processor_file = os.path.join(src, "image_processor", "preprocessor_config.json")
