@@ -6,9 +6,12 @@ serves a block of 128 KiB or more with its own `mmap`, so freeing it unmaps it, 
 (up to 32 MiB) every time such a block is freed. From then on, blocks of 128 KiB-32 MiB come from its heap
 arenas, and when freed they stay in the process. Pinning the threshold keeps them going back.
 
-Measured on the real-size model in fp32 (2-core CPU, one process each, warm compilation cache): loading
-peaked at 7.53 GiB with glibc's defaults and 6.61 GiB with the threshold pinned at 128 KiB; loading plus one
-512x512 generation at 8.35 and 7.79 GiB. The generation took the same time.
+Measured on the real-size model (2-core CPU, one process each, warm compilation cache):
+- fp32: loading peaked at 7.53 GiB with glibc's defaults and 6.61 GiB with the threshold pinned at 128 KiB;
+  loading plus one 512x512 generation at 8.35 and 7.79 GiB;
+- fp32, 256x256 (torch not imported): peak 7.18-7.52 GiB with glibc's defaults, 6.95 GiB pinned.
+Pinned for good, the generation's own scratch buffers come fresh from the OS every time: a 256x256 image took
+21.7 s instead of 17.8 s. So `returning_large_blocks` pins it only while a checkpoint is read (17.3 s, 6.95 GiB).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def release_freed_memory() -> bool:
 
     Reading a checkpoint allocates and frees gigabytes of read buffers on orbax's and TensorStore's threads;
     glibc keeps small freed blocks in its per-thread arenas, where the model never reuses them. Measured on
-    the real-size model in bf16 (before the threshold below was pinned): 0.45 GB released right after loading."""
+    the real-size model in bf16, with glibc's default threshold: 0.45 GB released right after loading."""
     libc = _glibc()
     if libc is None:
         return False
