@@ -5,8 +5,10 @@
 1. Builds the real-size architecture (`../shared/reference/blipdiffusion_full.json`) with random weights once,
    saves it with `save_pretrained` and converts it (both cached in --workdir).
 2. Runs each side in its own process: PyTorch; JAX cold (empty persistent compilation cache); JAX warm (the
-   cache the cold run filled). Each process reports, per size: first-call time, steady time per image and per
-   denoising step (from runs with `steps` and `2 * steps`), subject-encoding time, and peak RSS.
+   cache the cold run filled); with --bf16 the same in bf16; last, JAX warm at the largest size with torch
+   importable. The other JAX processes run without torch, as a runtime install does. Each process reports, per
+   size: first-call time, steady time per image and per denoising step (from runs with `steps` and
+   `2 * steps`), subject-encoding time, RSS after imports, and peak RSS.
 3. Prints a markdown table with ratios (ours / PyTorch) and writes it to `benchmarks/results.md`.
 """
 
@@ -210,14 +212,14 @@ def table(runs: dict, sizes: list[int], steps: int) -> str:
     lines = [
         f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU cores), fp32, random weights of "
         f"the real size, PNDM, guidance 7.5, {steps} and {2 * steps} steps; JAX device: {cold.get('device')}. The JAX "
-        f"side runs as a runtime install does, without torch (one extra run with torch importable). Memory in GiB.",
+        f"side runs {'with torch imported' if warm.get('torch_imported') else 'as a runtime install does, without torch'} "
+        f"(one extra run with torch importable). Memory in GiB.",
         "",
         "| metric | PyTorch | ours | ours / PyTorch |",
         "|---|---|---|---|",
     ]
 
     def row(name, a, b, unit="s"):
-        unit = "GiB" if unit == "GB" else unit
         lines.append(f"| {name} | {a:.2f} {unit} | {b:.2f} {unit} | {b / a:.2f} |" if a else f"| {name} | - | {b:.2f} {unit} | - |")
 
     for size in sizes:
@@ -232,24 +234,24 @@ def table(runs: dict, sizes: list[int], steps: int) -> str:
             row(f"{size}px: compile as JAX reports it (trace + lower + compile), warm cache", 0, w["compile_events_s"])
     row("subject encoding (steady)", torch_run["subject_encoding_s"], warm["subject_encoding_s"])
     # Compiling takes memory of its own: with the persistent cache warm, a process only loads the programs.
-    row("peak RSS (whole process), cold cache", torch_run["peak_rss_gb"], cold["peak_rss_gb"], "GB")
-    row("peak RSS (whole process), warm persistent cache", torch_run["peak_rss_gb"], warm["peak_rss_gb"], "GB")
+    row("peak RSS (whole process), cold cache", torch_run["peak_rss_gb"], cold["peak_rss_gb"], "GiB")
+    row("peak RSS (whole process), warm persistent cache", torch_run["peak_rss_gb"], warm["peak_rss_gb"], "GiB")
     if "jax_bf16" in runs:
         bf16 = runs["jax_bf16"]
         for size in [min(sizes)]:
             row(f"{size}px: time per denoising step, bf16 params (ours) vs fp32 (PyTorch)",
                 torch_run["sizes"][str(size)]["step_s"], bf16["sizes"][str(size)]["step_s"])
-        row("peak RSS, bf16 params (ours) vs fp32 (PyTorch), cold cache", torch_run["peak_rss_gb"], bf16["peak_rss_gb"], "GB")
+        row("peak RSS, bf16 params (ours) vs fp32 (PyTorch), cold cache", torch_run["peak_rss_gb"], bf16["peak_rss_gb"], "GiB")
         if "jax_bf16_warm" in runs:
             row("peak RSS, bf16 params (ours) vs fp32 (PyTorch), warm persistent cache", torch_run["peak_rss_gb"],
-                runs["jax_bf16_warm"]["peak_rss_gb"], "GB")
+                runs["jax_bf16_warm"]["peak_rss_gb"], "GiB")
     row("RSS after imports (PyTorch: torch, diffusers; ours: blipdiff_jax, torch not importable)",
-        torch_run["imports_rss_gb"], warm["imports_rss_gb"], "GB")
+        torch_run["imports_rss_gb"], warm["imports_rss_gb"], "GiB")
     if "jax_warm_torch" in runs:
         with_torch = runs["jax_warm_torch"]
         row(f"peak RSS, torch importable (diffusers imports it), warm cache, {max(sizes)}px only",
-            torch_run["peak_rss_gb"], with_torch["peak_rss_gb"], "GB")
-        row("RSS after imports, torch importable", torch_run["imports_rss_gb"], with_torch["imports_rss_gb"], "GB")
+            torch_run["peak_rss_gb"], with_torch["peak_rss_gb"], "GiB")
+        row("RSS after imports, torch importable", torch_run["imports_rss_gb"], with_torch["imports_rss_gb"], "GiB")
     lines.append("")
     lines.append(f"JAX attention kernel: {warm.get('attention')}. Peak RSS right after loading: PyTorch -, ours "
                  f"{warm['peak_rss_after_loading_gb']:.2f} GiB (fp32)"
