@@ -16,6 +16,7 @@ import numpy as np
 from jax import lax
 
 from ..models.attention import intercept_attention
+from ..models.vae_decode import decode_in_strips
 from .attention_control import CONTROL_COLLECTION
 
 
@@ -120,7 +121,16 @@ def check_finite(result: dict, num_steps: int) -> None:
         raise FloatingPointError("non-finite values in the VAE decoder output")
 
 
-def decode_latents(vae, vae_params, latents):
-    """VAE latents (B, C, h, w) -> images (B, H, W, 3) in [0, 1]."""
-    image = vae.apply({"params": vae_params}, latents / vae.config.scaling_factor, method=vae.decode).sample
-    return jnp.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+def decode_latents(vae, vae_params, latents, in_strips: bool | None = None):
+    """VAE latents (B, C, h, w) -> images (B, H, W, 3) in [0, 1].
+
+    in_strips: run the full-resolution layers in row strips (`models/vae_decode.py`: the same image with a
+    third of the temporaries); by default on CPU, where the decoder set the peak memory of a generation."""
+    latents = latents / vae.config.scaling_factor
+    if in_strips is None:
+        in_strips = jax.default_backend() == "cpu"
+    if in_strips:
+        image = decode_in_strips(vae, vae_params, latents)
+    else:
+        image = vae.apply({"params": vae_params}, latents, method=vae.decode).sample.transpose(0, 2, 3, 1)
+    return jnp.clip(image / 2 + 0.5, 0, 1)
