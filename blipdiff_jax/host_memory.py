@@ -12,6 +12,11 @@ Measured on the real-size model (2-core CPU, one process each, warm compilation 
 - fp32, 256x256 (torch not imported): peak 7.18-7.52 GiB with glibc's defaults, 6.95 GiB pinned.
 Pinned for good, the generation's own scratch buffers come fresh from the OS every time: a 256x256 image took
 21.7 s instead of 17.8 s. So `returning_large_blocks` pins it only while a checkpoint is read (17.3 s, 6.95 GiB).
+
+Compiling leaves its own garbage in the heap (XLA's and LLVM's), freed but kept, right before the program that
+needs the most memory runs. `trimmed_after_compiling` hands it back between the compile and the run: bf16,
+512x512, peak 4.45 -> 3.99 GiB when the program is compiled in the process, 4.14 -> 3.98 GiB when it is read
+from the persistent cache.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import threading
 
 # glibc's default for the first threshold, and the value it is pinned at while a checkpoint is read.
 MMAP_THRESHOLD = 128 * 1024
@@ -84,3 +90,51 @@ def returning_large_blocks():
         if pinned:
             return_large_blocks_to_os(AFTER_READING)
         release_freed_memory()
+
+
+# What JAX reports after every backend compile, fresh or read from the persistent cache, in the thread that
+# then runs the program (jax._src.dispatch.BACKEND_COMPILE_EVENT; tests/test_memory.py checks it still fires).
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_scope = {"depth": 0, "listening": False}
+_scope_lock = threading.Lock()
+
+
+def _after_compile(event, duration, **kwargs):
+    if event == COMPILE_EVENT and _scope["depth"] > 0:
+        release_freed_memory()
+
+
+@contextlib.contextmanager
+def releasing_after_compiles():
+    """While inside, each XLA compilation is followed by `release_freed_memory()`, before its program runs
+    (see the module docstring). Re-entrant; does nothing with BLIPDIFF_JAX_TUNE_MALLOC=0 or without glibc."""
+    if os.environ.get(OPT_OUT_ENV, "1") == "0" or _glibc() is None:
+        yield False
+        return
+    with _scope_lock:
+        if not _scope["listening"]:
+            import jax.monitoring
+
+            jax.monitoring.register_event_duration_secs_listener(_after_compile)
+            _scope["listening"] = True
+        _scope["depth"] += 1
+    try:
+        yield True
+    finally:
+        with _scope_lock:
+            _scope["depth"] -= 1
+
+
+class trimmed_after_compiling:
+    """A jitted (or pmapped) function whose calls run inside `releasing_after_compiles()`; its other
+    attributes (`lower`, `trace`, `_cache_size`) are the wrapped function's."""
+
+    def __init__(self, jitted):
+        self._jitted = jitted
+
+    def __call__(self, *args, **kwargs):
+        with releasing_after_compiles():
+            return self._jitted(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._jitted, name)

@@ -100,3 +100,48 @@ def test_the_threshold_is_left_alone_when_asked(monkeypatch):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threshold"):
             host_memory.return_large_blocks_to_os(bad)
+
+
+def test_compiling_inside_the_scope_releases_freed_memory(monkeypatch):
+    """JAX still reports each compile (the event host_memory listens for), and only inside the scope does
+    the heap get trimmed, before the program runs."""
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.delenv(host_memory.OPT_OUT_ENV, raising=False)
+    if host_memory._glibc() is None:
+        pytest.skip("no glibc malloc_trim on this platform: nothing to release")
+    calls = []
+    monkeypatch.setattr(host_memory, "release_freed_memory", lambda: calls.append("trim") or True)
+    ran = []
+
+    def program(x):
+        jax.debug.callback(lambda: ran.append(len(calls)))  # how many trims had happened when it ran
+        return x * 2
+
+    scoped = host_memory.trimmed_after_compiling(jax.jit(program))
+    assert float(scoped(jnp.float32(1.5))) == 3.0
+    assert calls == ["trim"] and ran == [1]  # compiled, trimmed, then run
+    scoped(jnp.float32(2.0))
+    assert calls == ["trim"]  # no compile, no trim
+    jax.jit(lambda x: x + 1)(jnp.float32(1.0))  # compiled outside the scope
+    assert calls == ["trim"]
+    assert scoped._cache_size() == 1  # the jitted function's own attributes
+
+
+def test_compile_trimming_is_left_alone_when_asked(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setenv(host_memory.OPT_OUT_ENV, "0")
+    calls = []
+    monkeypatch.setattr(host_memory, "release_freed_memory", lambda: calls.append("trim") or True)
+    host_memory.trimmed_after_compiling(jax.jit(lambda x: x - 3))(jnp.float32(1.0))
+    assert calls == []
+
+
+def test_pipeline_programs_trim_after_compiling(flax_pipeline):
+    pipeline, _ = flax_pipeline
+    assert isinstance(pipeline._generate_jit, host_memory.trimmed_after_compiling)
+    assert isinstance(pipeline._generate_pmap, host_memory.trimmed_after_compiling)
+    assert isinstance(pipeline._encode_subject, host_memory.trimmed_after_compiling)

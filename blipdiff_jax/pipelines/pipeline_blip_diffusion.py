@@ -23,6 +23,7 @@ from .._quiet import silence_flax_deprecation
 from ..checkpoint import ConvertedModel, is_converted_directory, load_converted
 from ..image_processing import numpy_to_pil, preprocess_reference
 from ..models.attention import attention_interceptor, resolve_implementation
+from ..host_memory import trimmed_after_compiling
 from ..models.param_check import traced_with_fast_param_check as _fast_check
 from .denoise import check_finite, decode_latents, denoise
 from .editing import EditingMixin
@@ -104,12 +105,14 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         # Latent size as the PyTorch pipeline computes it (from the UNet), and what the Flax UNet can divide.
         self.latent_factor = 2 ** (len(self.unet.block_out_channels) - 1)
         self.size_multiple = self.latent_factor * 2 ** (len(self.unet.block_out_channels) - 1)
-        self._encode_subject = jax.jit(_fast_check(self._encode_subject_fn))
+        self._encode_subject = trimmed_after_compiling(jax.jit(_fast_check(self._encode_subject_fn)))
         # One program per (shapes, steps, guidance on/off); `batch` leaves are split over devices by pmap.
-        self._generate_jit = jax.jit(_fast_check(self._generate), static_argnames=("num_inference_steps", "do_cfg", "progress"))
-        self._generate_pmap = jax.pmap(
+        # Both hand the compiler's freed memory back to the OS before the program runs (host_memory.py).
+        self._generate_jit = trimmed_after_compiling(
+            jax.jit(_fast_check(self._generate), static_argnames=("num_inference_steps", "do_cfg", "progress")))
+        self._generate_pmap = trimmed_after_compiling(jax.pmap(
             _fast_check(self._generate), in_axes=(0, 0, None, None, None, None, None), static_broadcasted_argnums=(4, 5, 6)
-        )
+        ))
         self._progress_bar = None
 
     # ------------------------------------------------------------------ loading

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from ..checkpoint import ConvertedModel
+from ..host_memory import trimmed_after_compiling
 from ..models.param_check import traced_with_fast_param_check
 from . import checkpoints, data
 from .config import RESUME_KEYS, FinetuneConfig
@@ -62,7 +63,7 @@ def make_train_step(loss: DiffusionLoss, optimizer):
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, value
 
-    return jax.jit(traced_with_fast_param_check(step), donate_argnums=(0, 1))
+    return trimmed_after_compiling(jax.jit(traced_with_fast_param_check(step), donate_argnums=(0, 1)))
 
 
 _STEP_CACHE: dict = {}  # one compiled step per model configuration and settings (trainers of the same model share it)
