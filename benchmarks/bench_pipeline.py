@@ -5,7 +5,7 @@
 1. Builds the real-size architecture (`../shared/reference/blipdiffusion_full.json`) with random weights once,
    saves it with `save_pretrained` and converts it (both cached in --workdir).
 2. Runs each side in its own process: PyTorch; JAX cold (empty persistent compilation cache); JAX warm (the
-   cache the cold run filled); with --bf16 the same in bf16; last, JAX warm at the largest size with torch
+   cache the cold run filled); with --bf16 the same in bf16 at the largest size (its peak memory); last, JAX warm at the largest size with torch
    importable. The other JAX processes run without torch, as a runtime install does. Each process reports, per
    size: first-call time, steady time per image and per denoising step (from runs with `steps` and
    `2 * steps`), subject-encoding time, RSS after imports, and peak RSS.
@@ -238,12 +238,13 @@ def table(runs: dict, sizes: list[int], steps: int) -> str:
     row("peak RSS (whole process), warm persistent cache", torch_run["peak_rss_gb"], warm["peak_rss_gb"], "GiB")
     if "jax_bf16" in runs:
         bf16 = runs["jax_bf16"]
-        for size in [min(sizes)]:
+        for size in [max(sizes)]:
             row(f"{size}px: time per denoising step, bf16 params (ours) vs fp32 (PyTorch)",
                 torch_run["sizes"][str(size)]["step_s"], bf16["sizes"][str(size)]["step_s"])
-        row("peak RSS, bf16 params (ours) vs fp32 (PyTorch), cold cache", torch_run["peak_rss_gb"], bf16["peak_rss_gb"], "GiB")
+        row(f"peak RSS, bf16 params (ours, {max(sizes)}px) vs fp32 (PyTorch), cold cache", torch_run["peak_rss_gb"],
+            bf16["peak_rss_gb"], "GiB")
         if "jax_bf16_warm" in runs:
-            row("peak RSS, bf16 params (ours) vs fp32 (PyTorch), warm persistent cache", torch_run["peak_rss_gb"],
+            row(f"peak RSS, bf16 params (ours, {max(sizes)}px) vs fp32 (PyTorch), warm persistent cache", torch_run["peak_rss_gb"],
                 runs["jax_bf16_warm"]["peak_rss_gb"], "GiB")
     row("RSS after imports (PyTorch: torch, diffusers; ours: blipdiff_jax, torch not importable)",
         torch_run["imports_rss_gb"], warm["imports_rss_gb"], "GiB")
@@ -293,7 +294,7 @@ def main() -> None:
     sides += [("jax_warm_torch", "jax", flax_dir, "float32")]  # the peak size again, torch importable
     for name, side, model, dtype in sides:
         print(f"running {name} ...", flush=True)
-        sizes = [min(args.sizes)] if dtype == "bfloat16" else args.sizes  # bf16: memory, and one size's speed
+        sizes = [max(args.sizes)] if dtype == "bfloat16" else args.sizes  # bf16: the peak size's memory and speed
         sizes = [max(args.sizes)] if name == "jax_warm_torch" else sizes
         command = [sys.executable, __file__, "--side", side, "--model", model, "--jax-cache", jax_cache,
                    "--steps", str(args.steps), "--dtype", dtype, "--sizes", *map(str, sizes)]
