@@ -1,9 +1,13 @@
-"""The VAE decoder with its full-resolution layers run in row strips: the same image, a third of the memory.
+"""The VAE decoder with its full-resolution layers run in row strips: the same image, 40% of the temporaries.
 
 At 512x512 the decoder's last blocks hold (1, 512, 512, 256) and (1, 512, 512, 128) activations, and XLA's CPU
 convolution needs its inputs whole and, for bf16 weights, converted to fp32: the decoder needed 0.875 GiB of
 temporaries in fp32 and 0.625 GiB with bf16 weights, against 0.31 GiB for the text encoder and the whole
 denoising loop. It set the peak memory of a generation.
+
+Measured at 512x512 (XLA's buffer assignment; 2-core CPU): the decoder's temporaries 0.875 -> 0.347 GiB in
+fp32 and 0.625 -> 0.25 GiB in bf16, so a whole generation's 0.75 -> 0.347 and 0.625 -> 0.318 GiB; the fp32
+decode took 31.6 s against 32.2 s.
 
 Here the layers of the last `tiled_blocks` up blocks (and the upsampler feeding them) run as loops over strips
 of `strip_rows` output rows, each strip reading its input rows plus one halo row on each side. GroupNorm still
@@ -125,7 +129,8 @@ def _fill(out, strip, compute):
 def _blank(shape, dtype, after):
     """An array for `_fill` to overwrite. It is made from `after` (the previous stage's result) because XLA's
     default CPU scheduler runs anything without inputs first: a plain `zeros` would be allocated at the start
-    of the program and stay allocated until its loop ends (0.84 GiB of temporaries instead of 0.47)."""
+    of the program and stay allocated until its loop ends (0.84 GiB of temporaries at 512x512 in fp32 instead
+    of 0.35). The product is never used for its value: `_fill` overwrites every row."""
     return jnp.zeros(shape, dtype) * after.reshape(-1)[0].astype(dtype)
 
 
