@@ -9,7 +9,8 @@
    importable. The other JAX processes run without torch, as a runtime install does. Each process reports, per
    size: first-call time, steady time per image and per denoising step (from runs with `steps` and
    `2 * steps`), subject-encoding time, RSS after imports, and peak RSS.
-3. Prints a markdown table with ratios (ours / PyTorch) and writes it to `benchmarks/results.md`.
+3. Prints a markdown table with ratios (ours / PyTorch) and writes it to `benchmarks/results.md`, the raw numbers
+   to `benchmarks/results.json`.
 """
 
 from __future__ import annotations
@@ -305,6 +306,8 @@ def main() -> None:
     print(report)
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write(report + "\n")
+    with open(os.path.join(HERE, "results.json"), "w") as f:  # every run's raw numbers (the table rounds)
+        json.dump(runs, f, indent=1)
 
 
 if __name__ == "__main__":
