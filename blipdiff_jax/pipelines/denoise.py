@@ -124,8 +124,8 @@ def check_finite(result: dict, num_steps: int) -> None:
 def decode_latents(vae, vae_params, latents, in_strips: bool | None = None):
     """VAE latents (B, C, h, w) -> images (B, H, W, 3) in [0, 1].
 
-    in_strips: run the full-resolution layers in row strips (`models/vae_decode.py`: the same image with a
-    third of the temporaries); by default on CPU, where the decoder set the peak memory of a generation."""
+    in_strips: run the full-resolution layers in row strips (`models/vae_decode.py`: the same image with
+    40% of the temporaries); by default on CPU, where the decoder set the peak memory of a generation."""
     latents = latents / vae.config.scaling_factor
     if in_strips is None:
         in_strips = jax.default_backend() == "cpu"

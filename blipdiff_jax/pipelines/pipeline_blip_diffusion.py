@@ -21,9 +21,9 @@ import numpy as np
 from .. import compilation, components
 from .._quiet import silence_flax_deprecation
 from ..checkpoint import ConvertedModel, is_converted_directory, load_converted
+from ..host_memory import trimmed_after_compiling
 from ..image_processing import numpy_to_pil, preprocess_reference
 from ..models.attention import attention_interceptor, resolve_implementation
-from ..host_memory import trimmed_after_compiling
 from ..models.param_check import traced_with_fast_param_check as _fast_check
 from .denoise import check_finite, decode_latents, denoise
 from .editing import EditingMixin
