@@ -97,6 +97,12 @@ def _stats(sums, count):
     return mean, jnp.maximum(0.0, squares / count - mean * mean)  # flax's fast variance, clipped alike
 
 
+def _stats_of(x, groups):
+    """GroupNorm statistics of a stored tensor."""
+    _, height, width, channels = x.shape
+    return _stats(_group_sums(x, groups), height * width * (channels // groups))
+
+
 def _norm_swish(params, x, stats, groups):
     """flax GroupNorm (given the statistics of the whole tensor) then swish, in flax's dtypes."""
     mean, var = (jnp.repeat(s, x.shape[-1] // groups, axis=-1)[:, None, None, :] for s in stats)
@@ -157,7 +163,7 @@ def _resnet(params, rows: _Rows, groups, dtype, most) -> _Rows:
     zeros = jnp.zeros((batch, groups), jnp.float32)
 
     if rows.whole is not None:
-        stats1 = _stats(_group_sums(rows.whole, groups), height * width * (channels // groups))
+        stats1 = _stats_of(rows.whole, groups)
         if shortcut is None:
             residual = rows.whole
         else:
@@ -176,7 +182,7 @@ def _resnet(params, rows: _Rows, groups, dtype, most) -> _Rows:
 
     first = _activated(rows, params["norm1"], stats1, groups)
     hidden = _fill(_blank(out_shape, rows.dtype, residual), strip, lambda start, _: _conv3x3_rows(params["conv1"], first, start, strip, dtype))
-    stats2 = _stats(_group_sums(hidden, groups), height * width * (features // groups))
+    stats2 = _stats_of(hidden, groups)
     second = _activated(_tensor(hidden), params["norm2"], stats2, groups)
 
     def plus_residual(start, out):  # out holds the residual; each strip replaces its own rows
@@ -246,9 +252,9 @@ def decode_in_strips(vae, vae_params, latents, *, strip_rows: int = STRIP_ROWS, 
             rows = _upsampled(block["upsamplers_0"]["conv"], _materialise(rows, strip_rows).whole, dtype)
     # conv_norm_out, swish, conv_out
     rows = _materialise(rows, strip_rows)
-    batch, height, width, channels = rows.shape
+    batch, height, width, _ = rows.shape
     strip = _strip_rows(height, strip_rows)
-    stats = _stats(_group_sums(rows.whole, groups), height * width * (channels // groups))
+    stats = _stats_of(rows.whole, groups)
     final = _activated(rows, decoder["conv_norm_out"], stats, groups)
     conv_out = decoder["conv_out"]
     image = _blank((batch, height, width, conv_out["kernel"].shape[-1]), rows.dtype, stats[0])
