@@ -57,6 +57,8 @@ def test_strips_in_bf16():
     np.testing.assert_allclose(np.asarray(out, np.float32), _reference(vae, params, latents), rtol=0, atol=BF16_TOLERANCE)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="strips are a CPU measure: on an H100, XLA's GPU "
+                    "buffer assignment gave the same temporaries with and without them (2026-11-26)")
 def test_strips_need_less_memory():
     """XLA's own count of temporaries, for a decoder whose last blocks dominate (as SD's does at 512x512)."""
     config = dict(vae_config(), block_out_channels=[64, 128])
@@ -72,7 +74,7 @@ def test_strips_need_less_memory():
     assert strips < 0.6 * full, (strips, full)
 
 
-def test_pipelines_decode_in_strips_on_cpu(monkeypatch):
+def test_pipelines_decode_in_strips_on_cpu_only(monkeypatch):
     vae, params = _vae(vae_config())
     latents = jax.random.normal(jax.random.PRNGKey(2), (1, 4, 8, 8))
     calls = []
@@ -83,9 +85,10 @@ def test_pipelines_decode_in_strips_on_cpu(monkeypatch):
 
     monkeypatch.setattr(denoise, "decode_in_strips", counting)
     images = denoise.decode_latents(vae, params, latents)
-    assert jax.default_backend() == "cpu" and calls == [1]
+    expected_calls = [1] if jax.default_backend() == "cpu" else []
+    assert calls == expected_calls
     expected = np.clip(_reference(vae, params, latents / vae.config.scaling_factor) / 2 + 0.5, 0, 1)
     np.testing.assert_allclose(np.asarray(images), expected, rtol=0, atol=TOLERANCE)
     full = denoise.decode_latents(vae, params, latents, in_strips=False)
-    assert calls == [1]
+    assert calls == expected_calls
     np.testing.assert_allclose(np.asarray(full), expected, rtol=0, atol=TOLERANCE)
