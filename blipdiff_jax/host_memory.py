@@ -40,6 +40,10 @@ _M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's <malloc.h>
 OPT_OUT_ENV = "BLIPDIFF_JAX_TUNE_MALLOC"
 
 
+def _opted_out() -> bool:
+    return os.environ.get(OPT_OUT_ENV, "1") == "0"
+
+
 @functools.lru_cache(maxsize=None)
 def _glibc():
     name = ctypes.util.find_library("c")
@@ -71,7 +75,7 @@ def return_large_blocks_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
     there is no glibc, when MALLOC_MMAP_THRESHOLD_ is in the environment, or when BLIPDIFF_JAX_TUNE_MALLOC=0."""
     if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold <= 0:
         raise ValueError(f"threshold must be a positive number of bytes, got {threshold!r}")
-    if os.environ.get(OPT_OUT_ENV, "1") == "0" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if _opted_out() or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     libc = _glibc()
     if libc is None:
@@ -108,7 +112,7 @@ def _after_compile(event, duration, **kwargs):
 def releasing_after_compiles():
     """While inside, each XLA compilation is followed by `release_freed_memory()`, before its program runs
     (see the module docstring). Re-entrant; does nothing with BLIPDIFF_JAX_TUNE_MALLOC=0 or without glibc."""
-    if os.environ.get(OPT_OUT_ENV, "1") == "0" or _glibc() is None:
+    if _opted_out() or _glibc() is None:
         yield False
         return
     with _scope_lock:

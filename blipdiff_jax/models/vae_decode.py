@@ -132,6 +132,12 @@ def _fill(out, strip, compute):
     return lax.fori_loop(0, out.shape[1] // strip, body, out)
 
 
+def _norm_swish_conv(rows: _Rows, norm, stats, conv, out, groups, strip, dtype):
+    """`out` (a `_blank`) filled, strip by strip, with conv3x3(swish(groupnorm(rows))) from whole-tensor `stats`."""
+    activated = _activated(rows, norm, stats, groups)
+    return _fill(out, strip, lambda start, _: _conv3x3_rows(conv, activated, start, strip, dtype))
+
+
 def _blank(shape, dtype, after):
     """An array for `_fill` to overwrite. It is made from `after` (the previous stage's result) because XLA's
     default CPU scheduler runs anything without inputs first: a plain `zeros` would be allocated at the start
@@ -180,8 +186,7 @@ def _resnet(params, rows: _Rows, groups, dtype, most) -> _Rows:
         sums, residual = lax.fori_loop(0, height // strip, sums_and_shortcut, ((zeros, zeros), _blank(out_shape, rows.dtype, rows.source)))
         stats1 = _stats(sums, height * width * (channels // groups))
 
-    first = _activated(rows, params["norm1"], stats1, groups)
-    hidden = _fill(_blank(out_shape, rows.dtype, residual), strip, lambda start, _: _conv3x3_rows(params["conv1"], first, start, strip, dtype))
+    hidden = _norm_swish_conv(rows, params["norm1"], stats1, params["conv1"], _blank(out_shape, rows.dtype, residual), groups, strip, dtype)
     stats2 = _stats_of(hidden, groups)
     second = _activated(_tensor(hidden), params["norm2"], stats2, groups)
 
@@ -255,7 +260,6 @@ def decode_in_strips(vae, vae_params, latents, *, strip_rows: int = STRIP_ROWS, 
     batch, height, width, _ = rows.shape
     strip = _strip_rows(height, strip_rows)
     stats = _stats_of(rows.whole, groups)
-    final = _activated(rows, decoder["conv_norm_out"], stats, groups)
     conv_out = decoder["conv_out"]
     image = _blank((batch, height, width, conv_out["kernel"].shape[-1]), rows.dtype, stats[0])
-    return _fill(image, strip, lambda start, _: _conv3x3_rows(conv_out, final, start, strip, dtype))
+    return _norm_swish_conv(rows, decoder["conv_norm_out"], stats, conv_out, image, groups, strip, dtype)
