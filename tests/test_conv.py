@@ -74,3 +74,27 @@ def test_the_cpu_kernels_route_small_convolutions_and_xla_leaves_them(monkeypatc
     assert calls == [None] and jax.default_backend() == "cpu"
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=0, atol=TOLERANCE)
     assert attention.attention_interceptor("xla") is None  # diffusers' UNet exactly as shipped
+
+
+@pytest.mark.parametrize("shape,features", [((2, 10, 14, 16), 24), ((1, 34, 18, 40), 16), ((1, 6, 6, 16), 32)])
+def test_winograd_equals_the_convolution(shape, features):
+    """F(2x2, 3x3) against XLA's 'VALID' 3x3 convolution, fp32: only the order of the sums differs."""
+    rng = np.random.default_rng(1)
+    inputs = jnp.asarray(rng.standard_normal(shape, np.float32))
+    kernel = jnp.asarray(rng.standard_normal((3, 3, shape[-1], features), np.float32) / np.sqrt(9 * shape[-1]))
+    assert conv.takes_winograd(inputs, kernel)
+    expected = jax.lax.conv_general_dilated(inputs, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    out = jax.jit(conv.winograd_valid_3x3)(inputs, kernel)
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("case", [
+    dict(dtype=jnp.bfloat16), dict(compute=jnp.bfloat16), dict(shape=(1, 9, 10, 16)), dict(shape=(1, 10, 9, 16)),
+    dict(shape=(1, 10, 10, 8)), dict(features=3), dict(kernel_size=5),
+], ids=["bf16", "bf16-compute", "odd-height", "odd-width", "thin-in", "thin-out", "5x5"])
+def test_winograd_is_taken_only_where_it_holds(case):
+    shape, size = case.get("shape", (1, 10, 10, 16)), case.get("kernel_size", 3)
+    inputs = jnp.zeros(shape, case.get("dtype", jnp.float32))
+    kernel = jnp.zeros((size, size, shape[-1], case.get("features", 16)), case.get("dtype", jnp.float32))
+    assert not conv.takes_winograd(inputs, kernel, case.get("compute"))
