@@ -107,6 +107,6 @@ def test_pipelines_decode_in_strips_on_cpu_only(monkeypatch):
 def test_strip_convolutions_use_winograd_in_fp32_only(monkeypatch, dtype, expected):
     vae, params = _vae(vae_config(), dtype)
     used = []
-    monkeypatch.setattr(vae_decode, "winograd_valid_3x3", lambda *args: used.append(1) or winograd_valid_3x3(*args))
+    monkeypatch.setattr(vae_decode, "_winograd", lambda *args: used.append(1) or winograd_valid_3x3(*args))
     jax.eval_shape(lambda p, z: decode_in_strips(vae, p, z), params, jax.ShapeDtypeStruct((1, 4, 8, 8), dtype))
     assert bool(used) == expected

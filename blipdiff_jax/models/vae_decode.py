@@ -37,6 +37,9 @@ from jax import lax
 
 from .conv import takes_winograd, winograd_valid_3x3
 
+# jitted so that each shape is traced and lowered once per process, however many layers and passes share it
+# (Winograd's ~80 ops per call otherwise add ~1 s to tracing a 512x512 decode)
+_winograd = jax.jit(winograd_valid_3x3)
 STRIP_ROWS = 32  # rows per strip, at most (the largest divisor of the height up to this)
 # In fp32 the strip convolutions run by Winograd's algorithm, whose transformed tiles take ~4x a strip's rows:
 # strips of 8 rows keep a 512x512 decode's temporaries at 0.362 GiB (0.454 GiB with 32).
@@ -95,7 +98,7 @@ def _conv3x3_rows(params, source: Callable, start, n, dtype):
     rows = source(start - 1, n + 2)
     padded = jnp.pad(rows, ((0, 0), (0, 0), (1, 1), (0, 0)))
     if takes_winograd(padded, params["kernel"], dtype):
-        return winograd_valid_3x3(padded, params["kernel"]) + params["bias"]
+        return _winograd(padded, params["kernel"]) + params["bias"]
     return _conv(params, rows, ((0, 0), (1, 1)), dtype)
 
 
