@@ -19,6 +19,7 @@ from PIL import Image
 from ..host_memory import trimmed_after_compiling
 from ..image_processing import load_image, numpy_to_pil
 from ..models.attention import intercept_attention
+from ..models.block_traces import traced_once_per_block
 from ..models.param_check import traced_with_fast_param_check
 from .attention_control import (
     PLACEHOLDER,
@@ -186,6 +187,10 @@ class EditingMixin:
 
     def _invert_program(self, params, scheduler_state, image, ids, num_inference_steps):
         """VAE posterior mean of `image`, then DDIM inversion (LAVIS `_ddim_inverse`, guidance 1)."""
+        with traced_once_per_block():  # no attention control in the inversion (models/block_traces.py)
+            return self._invert_traced(params, scheduler_state, image, ids, num_inference_steps)
+
+    def _invert_traced(self, params, scheduler_state, image, ids, num_inference_steps):
         scheduler = self._edit_ddim()
         posterior = self.vae.apply({"params": params["vae"]}, image, method=self.vae.encode).latent_dist
         latents = posterior.mean.transpose(0, 3, 1, 2) * self.vae.config.scaling_factor
