@@ -56,7 +56,8 @@ def _interceptor(cache: dict):
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if (context.method_name != "__call__" or not isinstance(module, REPEATED_BLOCKS)
-                or getattr(_inside, "active", False) or set(module.variables) - {"params"} or module.scope.rngs):
+                or getattr(_inside, "active", False) or set(module.variables) - {"params"} or module.scope.rngs
+                or any(_is_array(v) for v in kwargs.values())):  # arrays only as positional inputs
             return next_fun(*args, **kwargs)
         # Arrays are the traced inputs; everything else (None, ints, flags) is part of the key.
         static_args = tuple((i, _hashable(a)) for i, a in enumerate(args) if not _is_array(a))
@@ -69,11 +70,11 @@ def _interceptor(cache: dict):
 
             def run(params, *arrays):
                 full = {**statics, **dict(zip(array_positions, arrays))}
-                _inside.active = True
+                outer, _inside.active = getattr(_inside, "active", False), True
                 try:
                     return block.apply({"params": params}, *(full[i] for i in range(len(full))), **kwargs)
                 finally:
-                    _inside.active = False
+                    _inside.active = outer
 
             jitted = cache[key] = jax.jit(run)
         return jitted(module.variables.get("params", {}), *(a for a in args if _is_array(a)))
