@@ -32,7 +32,7 @@ def _nested_block_jaxprs(jaxpr):
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in ("pjit", "jit") and eqn.params.get("name") == "run":
             found.append(eqn.params["jaxpr"])
-        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else _subjaxprs(eqn):
+        for sub in _subjaxprs(eqn):
             found += _nested_block_jaxprs(sub)
     return found
 
