@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -64,7 +65,7 @@ def run_jax(model_dir: str, size: int, repeats: int, attentions: list[str]) -> d
     import jax
     import numpy as np
 
-    from blipdiff_jax import FlaxBlipDiffusionPipeline
+    from blipdiff_jax import FlaxBlipDiffusionPipeline, compilation
     from blipdiff_jax.models.attention import attention_interceptor, intercept_attention
 
     pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(model_dir)
@@ -81,7 +82,7 @@ def run_jax(model_dir: str, size: int, repeats: int, attentions: list[str]) -> d
     for attention in attentions:
         interceptor = attention_interceptor(attention)
 
-        @jax.jit
+        @partial(jax.jit, compiler_options=compilation.compiler_options())  # as the pipelines compile
         def step(p, x, t, c):
             with intercept_attention(interceptor):
                 return pipeline.unet.apply({"params": p}, x, t, c).sample

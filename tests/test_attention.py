@@ -16,19 +16,29 @@ IMAGE_TOLERANCE = 2e-3  # max abs, images in [0, 1], as the other pipeline parit
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 16 queries, so the tiny model's 16x16 latents (256 tokens) take the blockwise path."""
-    monkeypatch.setattr(attention, "DEFAULT_BLOCK_SIZE", 16)
+    """Blocks of 16 x 256 scores, so the tiny model's 16x16 latents (256 tokens) take the blockwise path."""
+    monkeypatch.setattr(attention, "SCORES_PER_BLOCK", 16 * 256)
 
 
+@pytest.mark.parametrize("block_size", [16, None], ids=["16-queries", "by-score-budget"])
 @pytest.mark.parametrize("batch,queries,keys,dim", [(4, 64, 64, 8), (2, 96, 7, 16), (3, 40, 40, 4), (1, 16, 16, 8)])
-def test_blockwise_equals_the_plain_formula(batch, queries, keys, dim):
+def test_blockwise_equals_the_plain_formula(batch, queries, keys, dim, block_size, monkeypatch):
+    monkeypatch.setattr(attention, "SCORES_PER_BLOCK", 16 * 64)  # by budget: blocks of 16, 96, 20 queries; plain
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((batch, n, dim), np.float32) for n in (queries, keys, keys))
     scores = np.einsum("bid,bjd->bij", q, k) * dim**-0.5
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     expected = (probs / probs.sum(-1, keepdims=True)) @ v
-    out = jax.jit(lambda q, k, v: attention.blockwise_attention(q, k, v, dim**-0.5, block_size=16))(q, k, v)
+    out = jax.jit(lambda q, k, v: attention.blockwise_attention(q, k, v, dim**-0.5, block_size))(q, k, v)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=KERNEL_TOLERANCE)
+
+
+def test_queries_per_block_keeps_the_scores_within_the_budget():
+    assert attention.queries_per_block(4096, 4096) == 1024  # 64x64 latents (512x512): 16 MiB of fp32 scores
+    assert attention.queries_per_block(1024, 1024) == 1024  # 32x32: a whole head
+    assert attention.queries_per_block(6144, 6144) == 384  # 64x96 (512x768): halved until it fits
+    assert attention.queries_per_block(4096, 77) == 4096  # cross-attention
+    assert attention.queries_per_block(45, 4096, scores_per_block=1000) == 45  # odd: cannot be halved
 
 
 @pytest.mark.parametrize("implementation", ["blockwise", "dot_product", "cudnn"])  # cudnn: XLA's form off GPU

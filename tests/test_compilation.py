@@ -4,11 +4,13 @@ used. Measured by XLA's own buffer assignment of a bf16 MLP, in fresh processes 
 when JAX starts)."""
 
 import json
+import re
 import os
 import subprocess
 import sys
 import warnings
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -67,3 +69,57 @@ def test_bf16_pipeline_on_cpu_advises_the_flag(converted_model, monkeypatch):
         warnings.simplefilter("error")
         FlaxBlipDiffusionPipeline(converted_model, dtype=jnp.bfloat16)
         FlaxBlipDiffusionPipeline(converted_model, dtype=jnp.float32)
+
+
+# ------------------------------------------------------------------ convolutions on XLA's Eigen kernel (CPU)
+
+
+def _library_ops(hlo_text: str) -> set[str]:
+    """The convolution and dot ops a compiled CPU program hands to YNNPACK (inside its ynn fusions)."""
+    bodies, current = {}, None
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            bodies[current] = []
+        elif current is not None:
+            bodies[current].append(line)
+    called = re.findall(r"%?ynn_fusion[\w.]* = .*?calls=%?([\w.\-]+)", hlo_text)
+    return {op for name in called for line in bodies.get(name, []) for op in re.findall(r" (convolution|dot)\(", line)}
+
+
+def _conv_and_matmul(x, w, a):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = y - y.mean((1, 2), keepdims=True)
+    return jax.nn.gelu(y.reshape(-1, y.shape[-1]) @ a).sum(0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU backend option")
+def test_cpu_programs_keep_convolutions_off_ynnpack():
+    args = (jnp.ones((2, 16, 16, 64)), jnp.ones((3, 3, 64, 64)), jnp.ones((64, 128)))
+    lowered = jax.jit(_conv_and_matmul).lower(*args)
+    unmeta = lambda text: re.sub(r", metadata=\{[^}]*\}", "", text)  # noqa: E731
+    default = lowered.compile().as_text()
+    options = compilation.compiler_options()
+    assert options == {compilation.YNN_FUSION_TYPES: compilation.YNN_WITHOUT_CONVOLUTIONS}
+    ours = lowered.compile(compiler_options=options).as_text()
+    assert _library_ops(default) == {"convolution", "dot"}  # what the option is for: XLA's default
+    assert _library_ops(ours) == {"dot"}  # matmuls stay on YNNPACK
+    # The list is exactly the backend's default less the convolution: with it added back, the same program.
+    restored = {compilation.YNN_FUSION_TYPES: options[compilation.YNN_FUSION_TYPES] + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+    assert unmeta(lowered.compile(compiler_options=restored).as_text()) == unmeta(default)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU backend option")
+def test_generation_program_runs_convolutions_on_eigen(flax_pipeline, monkeypatch):
+    pipeline, params = flax_pipeline
+    S = jax.ShapeDtypeStruct
+    hidden, budget = pipeline.text_encoder.config.hidden_size, pipeline.max_text_length - pipeline.num_query_tokens
+    batch = {"prompt_ids": S((1, budget), jnp.int32), "uncond_ids": S((1, pipeline.max_text_length), jnp.int32),
+             "subject_embeds": S((1, pipeline.num_query_tokens, hidden), jnp.float32),
+             "latents": S((1, pipeline.unet.in_channels, 8, 8), jnp.float32)}
+    args = (params, batch, {"guidance_scale": S((), jnp.float32)}, S((2,), jnp.uint32))
+    text = pipeline._generate_jit.lower(*args, num_inference_steps=1, do_cfg=True).compile().as_text()
+    assert " convolution(" in text and _library_ops(text) == {"dot"}
+    # A choice already in XLA_FLAGS is the user's: left alone.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    assert compilation.compiler_options() is None

@@ -16,6 +16,7 @@ import numpy as np
 from jax import lax
 from PIL import Image
 
+from ..compilation import compiler_options
 from ..host_memory import trimmed_after_compiling
 from ..image_processing import load_image, numpy_to_pil
 from ..models.attention import intercept_attention
@@ -215,10 +216,13 @@ class EditingMixin:
     def _jitted(self, name):
         cache = self.__dict__.setdefault("_edit_jits", {})
         if name not in cache:
+            options = compiler_options()  # CPU convolutions on Eigen (compilation.py)
             if name == "edit":
-                jitted = jax.jit(traced_with_fast_param_check(self._edit_program), static_argnames=("num_inference_steps", "do_cfg", "static", "real_image"))
+                jitted = jax.jit(traced_with_fast_param_check(self._edit_program), compiler_options=options,
+                                 static_argnames=("num_inference_steps", "do_cfg", "static", "real_image"))
             else:
-                jitted = jax.jit(traced_with_fast_param_check(self._invert_program), static_argnames=("num_inference_steps",))
+                jitted = jax.jit(traced_with_fast_param_check(self._invert_program), compiler_options=options,
+                                 static_argnames=("num_inference_steps",))
             cache[name] = trimmed_after_compiling(jitted)
         return cache[name]
 

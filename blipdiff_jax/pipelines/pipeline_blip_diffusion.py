@@ -106,11 +106,14 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         # Latent size as the PyTorch pipeline computes it (from the UNet), and what the Flax UNet can divide.
         self.latent_factor = 2 ** (len(self.unet.block_out_channels) - 1)
         self.size_multiple = self.latent_factor * 2 ** (len(self.unet.block_out_channels) - 1)
-        self._encode_subject = trimmed_after_compiling(jax.jit(_fast_check(self._encode_subject_fn)))
+        # On CPU, convolutions run on XLA's Eigen kernel, not YNNPACK (compilation.compiler_options).
+        options = compilation.compiler_options()
+        self._encode_subject = trimmed_after_compiling(jax.jit(_fast_check(self._encode_subject_fn), compiler_options=options))
         # One program per (shapes, steps, guidance on/off); `batch` leaves are split over devices by pmap.
         # Both hand the compiler's freed memory back to the OS before the program runs (host_memory.py).
         self._generate_jit = trimmed_after_compiling(
-            jax.jit(_fast_check(self._generate), static_argnames=("num_inference_steps", "do_cfg", "progress")))
+            jax.jit(_fast_check(self._generate), static_argnames=("num_inference_steps", "do_cfg", "progress"),
+                    compiler_options=options))
         self._generate_pmap = trimmed_after_compiling(jax.pmap(
             _fast_check(self._generate), in_axes=(0, 0, None, None, None, None, None), static_broadcasted_argnums=(4, 5, 6)
         ))
