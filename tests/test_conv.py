@@ -1,6 +1,6 @@
 """Small convolutions as matmuls (models/conv.py), swapped into the reused UNet on CPU: same numbers as
 flax's convolution, taken only where the formulation holds. Through the pipeline they are covered by every
-parity test: the tiny test UNet's convolutions all run at <= 16x16 latents, so all of them take the matmul."""
+parity test: the tiny test UNet's 3x3 convolutions at 8x8 latents and below take the matmul, the others XLA's."""
 
 import flax.linen as nn
 import jax

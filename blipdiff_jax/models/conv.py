@@ -1,12 +1,14 @@
 """Convolutions as matrix products for XLA's CPU backend: the UNet's small ones (swapped in by interception),
 and Winograd's F(2x2, 3x3) for the VAE decoder's strips (models/vae_decode.py).
 
-Measured on a 2-core AVX2 CPU (fp32, batch 2), XLA's CPU convolution slows down as the image shrinks and the
-channels grow, while its matrix product does not: a 3x3 conv at 8x8x1280 runs at ~30 GFLOP/s as a convolution
-and ~80 as one (pixels x 9*channels) @ (9*channels x out) product; at 16x16 ~60 against ~80; at 32x32 and above
-the convolution is the faster one. A 1x1 conv is the same product with no copy, at least as fast at every size.
-So, on CPU: 1x1 convs always, and stride-1 3x3 convs at up to `MAX_PIXELS` pixels, become matmuls (im2col);
-the result equals the convolution up to float summation order.
+XLA's CPU convolution slows down as the image shrinks and the channels grow, its matrix product does not. A 1x1
+conv is the same product with no copy, at least as fast at every size. For a 3x3 conv the product is over im2col
+patches, (pixels x 9*channels) @ (9*channels x out). Measured on a 2-core Xeon with AVX-512 (2026-11-26, fp32,
+batch 2, convolutions on XLA's Eigen kernel as our CPU programs compile them, see compilation.py): at 8x8x1280
+17 ms as a matmul against 20 as a convolution (PyTorch 30); at 16x16x1280 78 against 61 (PyTorch 63). On the
+2-core AMD EPYC (AVX2) of earlier sessions, with XLA's default YNNPACK convolution, the matmul won at 16x16 too
+(~80 against ~60 GFLOP/s). So, on CPU: 1x1 convs always, and stride-1 3x3 convs at up to `MAX_PIXELS` pixels,
+become matmuls; the result equals the convolution up to float summation order.
 
 Winograd (below) in the UNet itself was measured too: 22-35% faster per 64x64 convolution alone, but in the
 whole step it raised XLA's temporaries from 0.29 to 0.39-1.1 GiB (the transformed kernels and tiles), for a
@@ -19,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-MAX_PIXELS = 16 * 16  # 3x3 convs at this many pixels or fewer go through the matmul
+MAX_PIXELS = 8 * 8  # 3x3 convs at this many pixels or fewer go through the matmul
 
 _UNIT = (None, 1, (1, 1))
 
