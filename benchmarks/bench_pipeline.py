@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -28,6 +27,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+
+from machine import cpu_description  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
+
 FULL_CONFIG = os.path.join(ROOT, "..", "shared", "reference", "blipdiffusion_full.json")
 
 
@@ -215,7 +217,7 @@ def run_jax(model_dir: str, sizes: list[int], steps: int, cache_dir: str, dtype:
 def table(runs: dict, sizes: list[int], steps: int) -> str:
     torch_run, cold, warm = runs["torch"], runs["jax_cold"], runs["jax_warm"]
     lines = [
-        f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU cores), fp32, random weights of "
+        f"Measured {datetime.date.today()} on {cpu_description()}, fp32, random weights of "
         f"the real size, PNDM, guidance 7.5, {steps} and {2 * steps} steps; JAX device: {cold.get('device')}. The JAX "
         f"side runs {'with torch imported' if warm.get('torch_imported') else 'as a runtime install does, without torch'} "
         f"(one extra run with torch importable). Memory in GiB.",
@@ -316,7 +318,7 @@ def main() -> None:
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write(report + "\n")
     with open(os.path.join(HERE, "results.json"), "w") as f:  # every run's raw numbers (the table rounds)
-        json.dump(runs, f, indent=1)
+        json.dump({"cpu": cpu_description(), **runs}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import os
 import subprocess
 import sys
@@ -25,6 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
+
+from machine import cpu_description  # noqa: E402
 
 
 def inputs(size: int):
@@ -130,8 +131,8 @@ def main() -> None:
             print(side, flags or "-", name, json.dumps(r), flush=True)
     torch_step = rows[0][3]["step_s"]
     flops = next((r["tflop_per_step"] for *_, r in rows if "tflop_per_step" in r), 0.0) * 1e12
-    lines = [f"UNet step, batch 2, {args.size}x{args.size}, fp32, {datetime.date.today()}, {platform.machine()} "
-             f"({os.cpu_count()} cores; {platform.processor() or 'cpu'}); XLA counts {flops / 1e12:.2f} TFLOP per step.", "",
+    lines = [f"UNet step, batch 2, {args.size}x{args.size}, fp32, {datetime.date.today()}, {cpu_description()}; "
+             f"XLA counts {flops / 1e12:.2f} TFLOP per step.", "",
              "| side | XLA_FLAGS | attention | step | ours / PyTorch | GFLOP/s | first call | max rel. error vs PyTorch |",
              "|---|---|---|---|---|---|---|---|"]
     for side, flags, name, r in rows:
