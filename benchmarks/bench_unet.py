@@ -1,12 +1,17 @@
 """One real-size UNet step (batch 2 as under guidance), ours against diffusers' PyTorch UNet, side by side.
 
     python benchmarks/bench_unet.py [--size 512] [--attention xla blockwise] [--xla-flags none xla_cpu_flag=value,xla_other=1]
+    python benchmarks/bench_unet.py --interleaved 5 [--size 512]
 
 Uses the real-size random model `bench_pipeline.py` builds and caches in benchmarks/.cache. Runs PyTorch in
 one process and, per XLA flag set, JAX in another (XLA_FLAGS is read once per process), timing every
 attention implementation on the same inputs; checks each output against PyTorch's and prints a table.
 This is where the per-step cost of sampling comes from, so the choices behind the pipeline's defaults are
 measured here.
+
+With --interleaved N, both sides run in one process instead, N rounds of one PyTorch step and one of ours (our
+default attention, compiled as the pipelines compile), the order swapped every round: a shared machine's speed
+drifts by more than the difference between the two, and this way each pair of steps sees the same machine.
 """
 
 from __future__ import annotations
@@ -95,6 +100,65 @@ def run_jax(model_dir: str, size: int, repeats: int, attentions: list[str]) -> d
     return results
 
 
+def run_interleaved(workdir: str, size: int, rounds: int) -> dict:
+    import jax
+    import numpy as np
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from blipdiff_jax import FlaxBlipDiffusionPipeline, compilation
+    from blipdiff_jax.models.attention import attention_interceptor, intercept_attention
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(workdir, "torch", "unet")).eval()
+    pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(os.path.join(workdir, "flax"))
+    unet_params = params["unet"]
+    del params
+    latents, t, context = inputs(size)
+    interceptor = attention_interceptor(pipeline.attention)
+
+    @partial(jax.jit, compiler_options=compilation.compiler_options())
+    def step(p, x, t, c):
+        with intercept_attention(interceptor):
+            return pipeline.unet.apply({"params": p}, x, t, c).sample
+
+    torch_inputs = [torch.from_numpy(x) for x in (latents, t, context)]
+    sides = {"torch": lambda: unet(*torch_inputs).sample.numpy(),
+             "ours": lambda: np.asarray(step(unet_params, latents, t, context))}
+    times, outputs = {name: [] for name in sides}, {}
+    with torch.no_grad():
+        for name, fn in sides.items():  # the first calls: compiling, allocating
+            outputs[name] = fn()
+        for round_ in range(rounds):
+            for name in (sides if round_ % 2 == 0 else reversed(list(sides))):
+                start = time.perf_counter()
+                sides[name]()
+                times[name].append(time.perf_counter() - start)
+            print(round_, {name: round(v[-1], 2) for name, v in times.items()}, flush=True)
+    reference = outputs["torch"]
+    ratios = [o / t for o, t in zip(times["ours"], times["torch"])]
+    return {"torch_s": times["torch"], "ours_s": times["ours"], "ratio_of_mins": min(times["ours"]) / min(times["torch"]),
+            "median_pair_ratio": float(np.median(ratios)), "pair_ratios": ratios, "attention": pipeline.attention,
+            "rel_error_vs_torch": float(np.abs(outputs["ours"] - reference).max() / np.abs(reference).max())}
+
+
+def write_interleaved(args) -> None:
+    from bench_pipeline import ensure_models
+
+    ensure_models(args.workdir)
+    r = run_interleaved(args.workdir, args.size, args.interleaved)
+    seconds = lambda values: ", ".join(f"{v:.2f}" for v in values)  # noqa: E731
+    lines = [f"UNet step, batch 2, {args.size}x{args.size}, fp32, {datetime.date.today()}, {cpu_description()}; both sides "
+             f"in one process, {args.interleaved} rounds, order swapped each round; our attention: {r['attention']}.", "",
+             "| | PyTorch | ours | ours / PyTorch |", "|---|---|---|---|",
+             f"| fastest step | {min(r['torch_s']):.2f} s | {min(r['ours_s']):.2f} s | {r['ratio_of_mins']:.2f} |",
+             f"| median of the per-round ratios | - | - | {r['median_pair_ratio']:.2f} |",
+             f"| every step | {seconds(r['torch_s'])} | {seconds(r['ours_s'])} | {seconds(r['pair_ratios'])} |",
+             f"| max rel. error vs PyTorch | - | {r['rel_error_vs_torch']:.1e} | - |"]
+    print("\n".join(lines))
+    with open(os.path.join(HERE, f"results-unet-{args.size}-interleaved.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
@@ -103,8 +167,12 @@ def main() -> None:
     parser.add_argument("--xla-flags", nargs="+", default=["none"],
                         help="one JAX process per entry: 'none', or comma-separated XLA flags without their leading --")
     parser.add_argument("--workdir", default=os.path.join(HERE, ".cache"))
+    parser.add_argument("--interleaved", type=int, metavar="ROUNDS",
+                        help="both sides in this one process, ROUNDS alternating steps each (see above)")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.interleaved:
+        return write_interleaved(args)
     model = os.path.join(args.workdir, "torch" if args.side == "torch" else "flax")
     if args.side == "torch":
         print("RESULT " + json.dumps(run_torch(model, args.size, args.repeats)), flush=True)
