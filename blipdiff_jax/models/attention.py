@@ -34,9 +34,9 @@ FUSED_DTYPES = (jnp.float16, jnp.bfloat16)
 # Score elements (queries x keys) per block: 16 MiB in fp32. Measured on a 2-core Xeon (AVX-512), one 64x64
 # self-attention of a 512x512 UNet step (16 heads x 4096 queries x 4096 keys, d=40): 256 queries per block
 # (4 MiB) 320-356 ms, 1024 (16 MiB) 261-300 ms, 2048 263-280 ms, 4096 (a whole head, 64 MiB) 521 ms, all at once
-# 833 ms; PyTorch's fused CPU kernel 214-220 ms. XLA's CPU runtime pays ~0.2 ms per loop iteration, so the blocks
-# are as large as stays well inside the cache. At 32x32 (1024 queries, d=80) a head per block: 31.5 ms against
-# 45.7 (256 queries) and 73.7 (all at once).
+# 833 ms; PyTorch's fused CPU kernel 214-220 ms. XLA's CPU runtime pays ~0.2 ms per loop iteration, which
+# favours few large blocks, up to the point where a block no longer stays in the (last-level) cache. At 32x32
+# (1024 queries, d=80) a head per block: 31.5 ms against 45.7 (256 queries) and 73.7 (all at once).
 SCORES_PER_BLOCK = 4 * 2**20
 
 
