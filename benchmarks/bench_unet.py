@@ -136,7 +136,8 @@ def run_interleaved(workdir: str, size: int, rounds: int) -> dict:
             print(round_, {name: round(v[-1], 2) for name, v in times.items()}, flush=True)
     reference = outputs["torch"]
     ratios = [o / t for o, t in zip(times["ours"], times["torch"])]
-    return {"torch_s": times["torch"], "ours_s": times["ours"], "ratio_of_mins": min(times["ours"]) / min(times["torch"]),
+    return {"torch_s": times["torch"], "ours_s": times["ours"],
+            "ratio_of_mins": min(times["ours"]) / min(times["torch"]),
             "median_pair_ratio": float(np.median(ratios)), "pair_ratios": ratios, "attention": pipeline.attention,
             "rel_error_vs_torch": float(np.abs(outputs["ours"] - reference).max() / np.abs(reference).max())}
 
@@ -147,8 +148,9 @@ def write_interleaved(args) -> None:
     ensure_models(args.workdir)
     r = run_interleaved(args.workdir, args.size, args.interleaved)
     seconds = lambda values: ", ".join(f"{v:.2f}" for v in values)  # noqa: E731
-    lines = [f"UNet step, batch 2, {args.size}x{args.size}, fp32, {datetime.date.today()}, {cpu_description()}; both sides "
-             f"in one process, {args.interleaved} rounds, order swapped each round; our attention: {r['attention']}.", "",
+    lines = [f"UNet step, batch 2, {args.size}x{args.size}, fp32, {datetime.date.today()}, {cpu_description()}; "
+             f"both sides in one process, {args.interleaved} rounds, order swapped each round; "
+             f"our attention: {r['attention']}.", "",
              "| | PyTorch | ours | ours / PyTorch |", "|---|---|---|---|",
              f"| fastest step | {min(r['torch_s']):.2f} s | {min(r['ours_s']):.2f} s | {r['ratio_of_mins']:.2f} |",
              f"| median of the per-round ratios | - | - | {r['median_pair_ratio']:.2f} |",

@@ -105,7 +105,8 @@ def test_cpu_programs_keep_convolutions_off_ynnpack():
     assert _library_ops(default) == {"convolution", "dot"}  # what the option is for: XLA's default
     assert _library_ops(ours) == {"dot"}  # matmuls stay on YNNPACK
     # The list is exactly the backend's default less the convolution: with it added back, the same program.
-    restored = {compilation.YNN_FUSION_TYPES: options[compilation.YNN_FUSION_TYPES] + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+    with_convolutions = options[compilation.YNN_FUSION_TYPES] + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    restored = {compilation.YNN_FUSION_TYPES: with_convolutions}
     assert unmeta(lowered.compile(compiler_options=restored).as_text()) == unmeta(default)
 
 

@@ -4,8 +4,9 @@ diffusers' `FlaxAttention` materialises every (batch x head) score matrix at onc
 self-attentions write 2 x 8 x 4096 x 4096 fp32 scores (1 GiB) per call and XLA's CPU backend spends most of
 a UNet step moving them through memory. Here the same softmax(q k^T * scale) v is computed for a block of
 queries of one (batch, head) at a time inside a `lax.map`, each block's scores at most `SCORES_PER_BLOCK`
-(16 MiB in fp32), so they stay in the cache; the result is the same up to float rounding (~1e-7). On GPU, `jax.nn.dot_product_attention` picks
-cuDNN's fused (flash) kernel, which never writes the scores to memory either.
+(16 MiB in fp32), so they stay in the cache; the result is the same up to float rounding (~1e-7). On GPU,
+`jax.nn.dot_product_attention` picks cuDNN's fused (flash) kernel, which never writes the scores to memory
+either.
 
 Implementations ("auto" picks by backend):
 - "blockwise": the cache-sized blocks above (default on CPU);
