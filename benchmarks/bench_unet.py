@@ -67,12 +67,28 @@ def run_torch(model_dir: str, size: int, repeats: int) -> dict:
     return {"torch": {"first_s": first, "step_s": min(times), "threads": torch.get_num_threads()}}
 
 
+def jitted_unet_step(pipeline, attention: str):
+    """Our UNet step with `attention`'s kernel, compiled as the pipelines compile it (compiler options)."""
+    import jax
+
+    from blipdiff_jax import compilation
+    from blipdiff_jax.models.attention import attention_interceptor, intercept_attention
+
+    interceptor = attention_interceptor(attention)
+
+    @partial(jax.jit, compiler_options=compilation.compiler_options())
+    def step(p, x, t, c):
+        with intercept_attention(interceptor):
+            return pipeline.unet.apply({"params": p}, x, t, c).sample
+
+    return step
+
+
 def run_jax(model_dir: str, size: int, repeats: int, attentions: list[str]) -> dict:
     import jax
     import numpy as np
 
-    from blipdiff_jax import FlaxBlipDiffusionPipeline, compilation
-    from blipdiff_jax.models.attention import attention_interceptor, intercept_attention
+    from blipdiff_jax import FlaxBlipDiffusionPipeline
 
     pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(model_dir)
     unet_params = params["unet"]
@@ -86,13 +102,7 @@ def run_jax(model_dir: str, size: int, repeats: int, attentions: list[str]) -> d
     cost = plain.lower(unet_params, latents, t, context).cost_analysis()
     flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0))
     for attention in attentions:
-        interceptor = attention_interceptor(attention)
-
-        @partial(jax.jit, compiler_options=compilation.compiler_options())  # as the pipelines compile
-        def step(p, x, t, c):
-            with intercept_attention(interceptor):
-                return pipeline.unet.apply({"params": p}, x, t, c).sample
-
+        step = jitted_unet_step(pipeline, attention)
         first, times, out = timed(lambda: jax.block_until_ready(step(unet_params, latents, t, context)), repeats)
         error = float(np.abs(np.asarray(out) - reference).max() / np.abs(reference).max())
         results[attention] = {"first_s": first, "step_s": min(times), "rel_error_vs_torch": error,
@@ -101,26 +111,18 @@ def run_jax(model_dir: str, size: int, repeats: int, attentions: list[str]) -> d
 
 
 def run_interleaved(workdir: str, size: int, rounds: int) -> dict:
-    import jax
     import numpy as np
     import torch
     from diffusers import UNet2DConditionModel
 
-    from blipdiff_jax import FlaxBlipDiffusionPipeline, compilation
-    from blipdiff_jax.models.attention import attention_interceptor, intercept_attention
+    from blipdiff_jax import FlaxBlipDiffusionPipeline
 
     unet = UNet2DConditionModel.from_pretrained(os.path.join(workdir, "torch", "unet")).eval()
     pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(os.path.join(workdir, "flax"))
     unet_params = params["unet"]
     del params
     latents, t, context = inputs(size)
-    interceptor = attention_interceptor(pipeline.attention)
-
-    @partial(jax.jit, compiler_options=compilation.compiler_options())
-    def step(p, x, t, c):
-        with intercept_attention(interceptor):
-            return pipeline.unet.apply({"params": p}, x, t, c).sample
-
+    step = jitted_unet_step(pipeline, pipeline.attention)
     torch_inputs = [torch.from_numpy(x) for x in (latents, t, context)]
     sides = {"torch": lambda: unet(*torch_inputs).sample.numpy(),
              "ours": lambda: np.asarray(step(unet_params, latents, t, context))}

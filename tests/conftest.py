@@ -19,6 +19,7 @@ if _RUN_CACHE_OWNER:
 os.environ["BLIPDIFF_JAX_CACHE"] = os.environ["BLIPDIFF_TEST_RUN_CACHE"]
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["BLIPDIFF_JAX_CACHE"], "jax-cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -140,6 +141,17 @@ def flax_pipeline(converted_model):
 
     return FlaxBlipDiffusionPipeline.from_converted(converted_model)
 
+
+
+def abstract_generate_args(pipeline, params, latent_size: int = 8):
+    """Shape-only arguments for the pipeline's generation program (`_generate_jit`, `_generate_traced`): one
+    prompt, guidance on, `latent_size` square latents; to trace or compile it without running it."""
+    S = jax.ShapeDtypeStruct
+    hidden, budget = pipeline.text_encoder.config.hidden_size, pipeline.max_text_length - pipeline.num_query_tokens
+    batch = {"prompt_ids": S((1, budget), jnp.int32), "uncond_ids": S((1, pipeline.max_text_length), jnp.int32),
+             "subject_embeds": S((1, pipeline.num_query_tokens, hidden), jnp.float32),
+             "latents": S((1, pipeline.unet.in_channels, latent_size, latent_size), jnp.float32)}
+    return params, batch, {"guidance_scale": S((), jnp.float32)}, S((2,), jnp.uint32)
 
 
 def converted(name: str, torch_module):

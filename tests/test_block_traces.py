@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import abstract_generate_args
 
 from blipdiff_jax.models.block_traces import REPEATED_BLOCKS, traced_once_per_block
 
@@ -77,12 +78,7 @@ def test_same_outputs_and_the_same_compiled_program(flax_pipeline):
 
 def test_each_kind_of_block_is_traced_once(flax_pipeline):
     pipeline, params = flax_pipeline
-    S = jax.ShapeDtypeStruct
-    hidden, budget = pipeline.text_encoder.config.hidden_size, pipeline.max_text_length - pipeline.num_query_tokens
-    batch = {"prompt_ids": S((1, budget), jnp.int32), "uncond_ids": S((1, pipeline.max_text_length), jnp.int32),
-             "subject_embeds": S((1, pipeline.num_query_tokens, hidden), jnp.float32),
-             "latents": S((1, pipeline.unet.in_channels, 8, 8), jnp.float32)}
-    args = (params, batch, {"guidance_scale": S((), jnp.float32)}, S((2,), jnp.uint32))
+    args = abstract_generate_args(pipeline, params)
     # Without the scope: every use of a block is traced inline.
     calls = _block_calls(lambda *a: pipeline._generate_traced(*a, 2, True, False), *args)
     assert calls["FlaxResnetBlock2D"] >= 4 and calls["FlaxCLIPEncoderLayer"] >= 2, calls

@@ -4,8 +4,8 @@ used. Measured by XLA's own buffer assignment of a bf16 MLP, in fresh processes 
 when JAX starts)."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -13,6 +13,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import abstract_generate_args
 
 from blipdiff_jax import FlaxBlipDiffusionPipeline, compilation
 
@@ -113,12 +114,7 @@ def test_cpu_programs_keep_convolutions_off_ynnpack():
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU backend option")
 def test_generation_program_runs_convolutions_on_eigen(flax_pipeline, monkeypatch):
     pipeline, params = flax_pipeline
-    S = jax.ShapeDtypeStruct
-    hidden, budget = pipeline.text_encoder.config.hidden_size, pipeline.max_text_length - pipeline.num_query_tokens
-    batch = {"prompt_ids": S((1, budget), jnp.int32), "uncond_ids": S((1, pipeline.max_text_length), jnp.int32),
-             "subject_embeds": S((1, pipeline.num_query_tokens, hidden), jnp.float32),
-             "latents": S((1, pipeline.unet.in_channels, 8, 8), jnp.float32)}
-    args = (params, batch, {"guidance_scale": S((), jnp.float32)}, S((2,), jnp.uint32))
+    args = abstract_generate_args(pipeline, params)
     text = pipeline._generate_jit.lower(*args, num_inference_steps=1, do_cfg=True).compile().as_text()
     assert " convolution(" in text and _library_ops(text) == {"dot"}
     # A choice already in XLA_FLAGS is the user's: left alone.
