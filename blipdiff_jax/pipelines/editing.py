@@ -21,6 +21,7 @@ from ..host_memory import trimmed_after_compiling
 from ..image_processing import load_image, numpy_to_pil
 from ..models.attention import intercept_attention
 from ..models.block_traces import traced_once_per_block
+from ..models.context_clip import encode_contexts
 from ..models.param_check import traced_with_fast_param_check
 from .attention_control import (
     PLACEHOLDER,
@@ -153,12 +154,11 @@ class EditingMixin:
                       num_inference_steps, do_cfg, static, real_image):
         scheduler = self._edit_ddim() if real_image else self.scheduler
         text = {"params": params["text_encoder"]}
-        source = self.text_encoder.apply(text, tokens["source"])[0]
-        target = self.text_encoder.apply(text, tokens["target"], subject_embeds, jnp.array([self.ctx_begin_pos]))[0]
-        context = jnp.concatenate([source, target])
+        # (unconditional,) source and target prompts in one pass (models/context_clip.encode_contexts)
+        plain = jnp.concatenate([tokens["uncond"], tokens["source"]]) if do_cfg else tokens["source"]
+        context = encode_contexts(self.text_encoder, text, plain, tokens["target"], subject_embeds, self.ctx_begin_pos)
         if do_cfg:
-            uncond = self.text_encoder.apply(text, tokens["uncond"])[0]
-            context = jnp.concatenate([uncond, uncond, context])
+            context = jnp.concatenate([context[:1], context])  # the unconditional context, for both branches
         state = scheduler.set_timesteps(scheduler_state, num_inference_steps=num_inference_steps, shape=latents.shape)
         latents = latents * state.init_noise_sigma
 

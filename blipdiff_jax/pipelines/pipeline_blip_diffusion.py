@@ -25,6 +25,7 @@ from ..host_memory import trimmed_after_compiling
 from ..image_processing import numpy_to_pil, preprocess_reference
 from ..models.attention import attention_interceptor, resolve_implementation
 from ..models.block_traces import traced_once_per_block
+from ..models.context_clip import encode_contexts
 from ..models.param_check import traced_with_fast_param_check as _fast_check
 from .denoise import check_finite, decode_latents, denoise
 from .editing import EditingMixin
@@ -266,11 +267,12 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
     def _generate_traced(self, params, batch, scalars, rng, num_inference_steps, do_cfg, progress):
         text_params = {"params": params["text_encoder"]}
         prompt_ids = batch["prompt_ids"]
-        ctx_pos = jnp.full((prompt_ids.shape[0],), self.ctx_begin_pos, jnp.int32)
-        context = self.text_encoder.apply(text_params, prompt_ids, batch["subject_embeds"], ctx_pos)[0]
-        if do_cfg:
-            uncond = self.text_encoder.apply(text_params, batch["uncond_ids"])[0]
-            context = jnp.concatenate([uncond, context])
+        if do_cfg:  # unconditional then subject prompts, in one pass (see encode_contexts)
+            context = encode_contexts(self.text_encoder, text_params, batch["uncond_ids"], prompt_ids,
+                                      batch["subject_embeds"], self.ctx_begin_pos)
+        else:
+            ctx_pos = jnp.full((prompt_ids.shape[0],), self.ctx_begin_pos, jnp.int32)
+            context = self.text_encoder.apply(text_params, prompt_ids, batch["subject_embeds"], ctx_pos)[0]
         latents = batch["latents"]
         state = self.scheduler.set_timesteps(params["scheduler"], num_inference_steps=num_inference_steps, shape=latents.shape)
         latents = latents * state.init_noise_sigma
