@@ -147,7 +147,6 @@ def flax_pipeline(converted_model):
     return FlaxBlipDiffusionPipeline.from_converted(converted_model)
 
 
-
 def abstract_generate_args(pipeline, params, latent_size: int = 8):
     """Shape-only arguments for the pipeline's generation program (`_generate_jit`, `_generate_traced`): one
     prompt, guidance on, `latent_size` square latents; to trace or compile it without running it."""

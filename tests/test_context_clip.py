@@ -5,15 +5,16 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 import torch
-from conftest import converted, torch_text_encoder
+from conftest import abstract_generate_args, converted, torch_text_encoder
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 
 from blipdiff_jax import components, tiny
-from blipdiff_jax.models.context_clip import encode_contexts
+from blipdiff_jax.models.context_clip import FlaxContextCLIPTextTransformer, encode_contexts
 
 TOLERANCE = 1e-4  # max abs difference, fp32
 FULL_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "blipdiffusion_full.json")
@@ -91,7 +92,7 @@ import blipdiff_jax
 assert blipdiff_jax.prefer_memory_on_cpu()
 import jax, jax.numpy as jnp
 from blipdiff_jax import components
-from blipdiff_jax.models.context_clip import encode_contexts
+from blipdiff_jax.models.context_clip import FlaxContextCLIPTextTransformer, encode_contexts
 config = dict(vocab_size=1000, hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
               max_position_embeddings=77, eos_token_id=2)
 module = components.build_model("text_encoder", config, jnp.bfloat16)
@@ -115,6 +116,22 @@ def test_one_pass_keeps_one_layer_of_fp32_weights_at_a_time():
     temps = json.loads(out.stdout.strip().splitlines()[-1])
     assert temps["two"] >= 0.9 * FP32_LAYER_WEIGHTS_MIB  # every layer's fp32 copy alive between the passes
     assert temps["one"] <= 0.25 * FP32_LAYER_WEIGHTS_MIB
+
+
+@pytest.mark.parametrize("do_cfg", [True, False], ids=["guided", "unguided"])
+def test_generation_encodes_its_prompts_in_one_pass(flax_pipeline, do_cfg):
+    pipeline, params = flax_pipeline
+    batches = []
+
+    def count(next_fun, args, kwargs, context):
+        if isinstance(context.module, FlaxContextCLIPTextTransformer) and context.method_name == "__call__":
+            batches.append(args[0].shape[0])
+        return next_fun(*args, **kwargs)
+
+    params, batch, scalars, rng = abstract_generate_args(pipeline, params)
+    with nn.intercept_methods(count):
+        jax.eval_shape(lambda *a: pipeline._generate(*a, num_inference_steps=1, do_cfg=do_cfg), params, batch, scalars, rng)
+    assert batches == [2 if do_cfg else 1]  # one pass: the unconditional and the subject prompt together
 
 
 def test_too_many_tokens_is_refused(text_models):
