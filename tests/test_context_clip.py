@@ -79,6 +79,8 @@ def test_one_pass_encodes_plain_and_subject_prompts_as_separate_passes(text_mode
     with torch.no_grad():
         ref = pt(input_ids=torch.from_numpy(subject), ctx_embeddings=torch.from_numpy(ctx), ctx_begin_pos=[2])[0].numpy()
     np.testing.assert_allclose(both[2:], ref, rtol=0, atol=TOLERANCE)
+    alone = np.asarray(encode_contexts(module, {"params": params}, None, subject, ctx, 2))
+    np.testing.assert_allclose(alone, np.asarray(alone_subject), rtol=0, atol=0)
     with pytest.raises(ValueError, match="same length"):
         encode_contexts(module, {"params": params}, plain, subject[:, :-1], ctx, 2)
 
@@ -92,7 +94,7 @@ import blipdiff_jax
 assert blipdiff_jax.prefer_memory_on_cpu()
 import jax, jax.numpy as jnp
 from blipdiff_jax import components
-from blipdiff_jax.models.context_clip import FlaxContextCLIPTextTransformer, encode_contexts
+from blipdiff_jax.models.context_clip import encode_contexts
 config = dict(vocab_size=1000, hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
               max_position_embeddings=77, eos_token_id=2)
 module = components.build_model("text_encoder", config, jnp.bfloat16)

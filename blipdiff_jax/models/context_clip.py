@@ -34,12 +34,16 @@ def splice_subject_embeddings(token_embeds, ctx_embeddings, ctx_begin_pos):
 def encode_contexts(text_encoder, params, plain_ids, subject_ids, subject_embeds, ctx_begin_pos: int):
     """Hidden states of `plain_ids` (P, T) prompts and of `subject_ids` (S, T - Q) prompts with `subject_embeds`
     (S, Q, D) spliced in at `ctx_begin_pos`, in one batched pass: (P + S, T, D), the plain prompts first.
+    `plain_ids` None: the subject prompts alone.
 
     A plain prompt goes in as its first T - Q tokens with the embeddings of its last Q tokens spliced in after
     them: the same sequence. Why one pass: with bf16 or fp16 weights XLA's CPU backend converts each weight to
     fp32 once per program and keeps the copy for every use, so two passes kept all 12 layers' fp32 weights alive
     from the first to the second (0.32 GiB, the peak of a whole 512x512 bf16 generation's temporaries).
     """
+    subject_positions = jnp.full((subject_ids.shape[0],), ctx_begin_pos, jnp.int32)
+    if plain_ids is None:
+        return text_encoder.apply(params, subject_ids, subject_embeds, subject_positions)[0]
     num_queries = subject_embeds.shape[1]
     split = plain_ids.shape[1] - num_queries
     if split != subject_ids.shape[1]:
@@ -48,8 +52,7 @@ def encode_contexts(text_encoder, params, plain_ids, subject_ids, subject_embeds
     tail = text_encoder.apply(params, plain_ids[:, split:], method=text_encoder.token_embeddings)
     ids = jnp.concatenate([plain_ids[:, :split], subject_ids])
     spliced = jnp.concatenate([tail, subject_embeds.astype(tail.dtype)])
-    positions = jnp.concatenate([jnp.full((plain_ids.shape[0],), split, jnp.int32),
-                                 jnp.full((subject_ids.shape[0],), ctx_begin_pos, jnp.int32)])
+    positions = jnp.concatenate([jnp.full((plain_ids.shape[0],), split, jnp.int32), subject_positions])
     return text_encoder.apply(params, ids, spliced, positions)[0]
 
 

@@ -266,13 +266,9 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
 
     def _generate_traced(self, params, batch, scalars, rng, num_inference_steps, do_cfg, progress):
         text_params = {"params": params["text_encoder"]}
-        prompt_ids = batch["prompt_ids"]
-        if do_cfg:  # unconditional then subject prompts, in one pass (see encode_contexts)
-            context = encode_contexts(self.text_encoder, text_params, batch["uncond_ids"], prompt_ids,
-                                      batch["subject_embeds"], self.ctx_begin_pos)
-        else:
-            ctx_pos = jnp.full((prompt_ids.shape[0],), self.ctx_begin_pos, jnp.int32)
-            context = self.text_encoder.apply(text_params, prompt_ids, batch["subject_embeds"], ctx_pos)[0]
+        # (unconditional then) subject prompts, in one pass (see encode_contexts)
+        context = encode_contexts(self.text_encoder, text_params, batch["uncond_ids"] if do_cfg else None,
+                                  batch["prompt_ids"], batch["subject_embeds"], self.ctx_begin_pos)
         latents = batch["latents"]
         state = self.scheduler.set_timesteps(params["scheduler"], num_inference_steps=num_inference_steps, shape=latents.shape)
         latents = latents * state.init_noise_sigma
