@@ -5,7 +5,8 @@
 1. Builds the real-size architecture (`../shared/reference/blipdiffusion_full.json`) with random weights once,
    saves it with `save_pretrained` and converts it (both cached in --workdir).
 2. Runs each side in its own process: PyTorch; JAX cold (empty persistent compilation cache); JAX warm (the
-   cache the cold run filled); with --bf16 the same in bf16 at the largest size (its peak memory); last, JAX warm at the largest size with torch
+   cache the cold run filled); with --bf16 the same in bf16 at the largest size (its peak memory), and PyTorch in
+   bf16 there too; last, JAX warm at the largest size with torch
    importable. The other JAX processes run without torch, as a runtime install does. Each process reports, per
    size: first-call time, steady time per image and per denoising step (from calls with `steps` and
    `2 * steps`; in the PyTorch, JAX warm and bf16 runs the fastest of `--repeats` calls of each, interleaved),
@@ -132,17 +133,17 @@ def load_torch_pipeline(model_dir: str, dtype=None, device: str = "cpu"):
     return pipeline.to(device), index
 
 
-def run_torch(model_dir: str, sizes: list[int], steps: int, repeats: int = 1) -> dict:
+def run_torch(model_dir: str, sizes: list[int], steps: int, repeats: int = 1, dtype: str = "float32") -> dict:
     import diffusers  # noqa: F401
     import torch
 
     imports_rss = current_rss_gb()
-    pipeline, index = load_torch_pipeline(model_dir)
+    pipeline, index = load_torch_pipeline(model_dir, getattr(torch, dtype))
     image = reference_image()
     results = {}
     with torch.no_grad():
         pixels = pipeline.image_processor.preprocess(image, image_mean=index["mean"], image_std=index["std"],
-                                                     return_tensors="pt")["pixel_values"]
+                                                     return_tensors="pt")["pixel_values"].to(getattr(torch, dtype))
         pipeline.get_query_embeddings(pixels, ["dog"])
         start = time.perf_counter()
         pipeline.get_query_embeddings(pixels, ["dog"])
@@ -152,7 +153,8 @@ def run_torch(model_dir: str, sizes: list[int], steps: int, repeats: int = 1) ->
             for n in (steps,) + (steps, 2 * steps) * repeats:  # the first call warms up
                 start = time.perf_counter()
                 pipeline("on the beach", image, "dog", "dog", height=size, width=size, num_inference_steps=n,
-                         generator=torch.Generator().manual_seed(0), output_type="np")
+                         generator=torch.Generator().manual_seed(0),
+                         output_type="np" if dtype == "float32" else "pt")  # numpy has no bf16
                 timing.setdefault(n, []).append(time.perf_counter() - start)
             image_s, long_s = min(timing[steps][1:]), min(timing[2 * steps])
             results[size] = {"first_call_s": timing[steps][0], "image_s": image_s, "step_s": (long_s - image_s) / steps,
@@ -245,9 +247,15 @@ def table(runs: dict, sizes: list[int], steps: int) -> str:
     row("peak RSS (whole process), warm persistent cache", torch_run["peak_rss_gb"], warm["peak_rss_gb"], "GiB")
     if "jax_bf16" in runs:
         bf16 = runs["jax_bf16"]
-        for size in [max(sizes)]:
-            row(f"{size}px: time per denoising step, bf16 params (ours) vs fp32 (PyTorch)",
-                torch_run["sizes"][str(size)]["step_s"], bf16["sizes"][str(size)]["step_s"])
+        size = str(max(sizes))
+        row(f"{size}px: time per denoising step, bf16 params (ours) vs fp32 (PyTorch)",
+            torch_run["sizes"][size]["step_s"], bf16["sizes"][size]["step_s"])
+        if "torch_bf16" in runs:
+            torch_bf16 = runs["torch_bf16"]
+            row(f"{size}px: time per denoising step, bf16 both", torch_bf16["sizes"][size]["step_s"], bf16["sizes"][size]["step_s"])
+            row(f"{size}px: time per image, {steps} steps, bf16 both", torch_bf16["sizes"][size]["image_s"],
+                bf16["sizes"][size]["image_s"])
+            row(f"peak RSS, bf16 both ({size}px), cold cache", torch_bf16["peak_rss_gb"], bf16["peak_rss_gb"], "GiB")
         row(f"peak RSS, bf16 params (ours, {max(sizes)}px) vs fp32 (PyTorch), cold cache", torch_run["peak_rss_gb"],
             bf16["peak_rss_gb"], "GiB")
         if "jax_bf16_warm" in runs:
@@ -286,7 +294,7 @@ def main() -> None:
         # would import it (its logging module tries to), 0.3 GiB. One extra run measures that case.
         sys.modules["torch"] = None
     if args.side:
-        result = run_torch(args.model, args.sizes, args.steps, args.repeats) if args.side == "torch" else \
+        result = run_torch(args.model, args.sizes, args.steps, args.repeats, args.dtype) if args.side == "torch" else \
             run_jax(args.model, args.sizes, args.steps, args.jax_cache, args.dtype, args.repeats)
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -298,8 +306,9 @@ def main() -> None:
     runs = {}
     sides = [("torch", "torch", torch_dir, "float32"), ("jax_cold", "jax", flax_dir, "float32"),
              ("jax_warm", "jax", flax_dir, "float32")]
-    if args.bf16:  # cold, then warm from the cache the cold run filled
-        sides += [("jax_bf16", "jax", flax_dir, "bfloat16"), ("jax_bf16_warm", "jax", flax_dir, "bfloat16")]
+    if args.bf16:  # cold, then warm from the cache the cold run filled; PyTorch in bf16 too
+        sides += [("jax_bf16", "jax", flax_dir, "bfloat16"), ("jax_bf16_warm", "jax", flax_dir, "bfloat16"),
+                  ("torch_bf16", "torch", torch_dir, "bfloat16")]
     sides += [("jax_warm_torch", "jax", flax_dir, "float32")]  # the peak size again, torch importable
     for name, side, model, dtype in sides:
         print(f"running {name} ...", flush=True)
@@ -310,7 +319,7 @@ def main() -> None:
         command += ["--torch-importable"] if name == "jax_warm_torch" else []
         # Steady times come from PyTorch, JAX warm and bf16 (its step): those repeat; the others only need a
         # first call and one steady call (compile time, memory).
-        command += ["--repeats", str(args.repeats if name in ("torch", "jax_warm", "jax_bf16") else 1)]
+        command += ["--repeats", str(args.repeats if name in ("torch", "jax_warm", "jax_bf16", "torch_bf16") else 1)]
         output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         runs[name] = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
     report = table(runs, args.sizes, args.steps)

@@ -10,6 +10,10 @@ batch 2, convolutions on XLA's Eigen kernel as our CPU programs compile them, se
 (~80 against ~60 GFLOP/s). So, on CPU: 1x1 convs always, and stride-1 3x3 convs at up to `MAX_PIXELS` pixels,
 become matmuls; the result equals the convolution up to float summation order.
 
+In bf16 on CPU every stride-1 3x3 conv becomes a matmul, at any size: XLA's convolution has no bf16 kernel (it
+converts to fp32), its bf16 matmul does (models/bf16_matmul.py). 64x64x320 -> 320 at batch 2: 45 ms as an
+fp32 convolution, 13 ms as a bf16 matmul over patches the im2col copy writes in a few more.
+
 Winograd (below) in the UNet itself was measured too: 22-35% faster per 64x64 convolution alone, but in the
 whole step it raised XLA's temporaries from 0.29 to 0.39-1.1 GiB (the transformed kernels and tiles), for a
 gain within this machine's noise; it is used only where the decoder's strips bound its memory.
@@ -20,6 +24,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+
+from . import bf16_matmul
 
 MAX_PIXELS = 8 * 8  # 3x3 convs at this many pixels or fewer go through the matmul
 
@@ -46,7 +52,8 @@ def takes_matmul(module: nn.Module, inputs) -> bool:
     if kernel_size == (1, 1):
         return _padding_is(module.padding, 0)
     if kernel_size == (3, 3):
-        return _padding_is(module.padding, 1) and inputs.shape[1] * inputs.shape[2] <= MAX_PIXELS
+        small = inputs.shape[1] * inputs.shape[2] <= MAX_PIXELS
+        return _padding_is(module.padding, 1) and (small or bf16_matmul.runs_bf16_matmuls(module.dtype))
     return False
 
 
@@ -57,12 +64,18 @@ def matmul_conv(module: nn.Conv, inputs):
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     size, _, channels, features = kernel.shape
     batch, height, width, _ = inputs.shape
+    bf16 = bf16_matmul.runs_bf16_matmuls(module.dtype)
     if size == 3:
         padded = jnp.pad(inputs, ((0, 0), (1, 1), (1, 1), (0, 0)))
         # (i, j, c) channel order, the order of the HWIO kernel flattened below
-        inputs = jnp.concatenate([padded[:, i:i + height, j:j + width] for i in range(3) for j in range(3)], axis=-1)
-    out = jnp.matmul(inputs.reshape(-1, size * size * channels), kernel.reshape(-1, features),
-                     precision=module.precision)
+        patches = [padded[:, i:i + height, j:j + width] for i in range(3) for j in range(3)]
+        inputs = bf16_matmul.concatenate(patches, axis=-1) if bf16 else jnp.concatenate(patches, axis=-1)
+    inputs, kernel = inputs.reshape(-1, size * size * channels), kernel.reshape(-1, features)
+    if bf16:  # summed in fp32, the bias added there too, one rounding to bf16
+        out = bf16_matmul.dot_general(inputs, kernel, (((1,), (0,)), ((), ())), jnp.float32, module.precision)
+        out = out if bias is None else out + bias.astype(jnp.float32)
+        return out.reshape(batch, height, width, features).astype(module.dtype)
+    out = jnp.matmul(inputs, kernel, precision=module.precision)
     out = out.reshape(batch, height, width, features)
     return out if bias is None else out + bias
 
