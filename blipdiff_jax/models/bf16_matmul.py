@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -47,8 +48,6 @@ def dense(module, inputs):
 
 def takes_dense(module) -> bool:
     """Whether `module` is a plain `nn.Dense` computing in bf16 on CPU (subclasses may compute otherwise)."""
-    import flax.linen as nn
-
     return type(module) is nn.Dense and runs_bf16_matmuls(module.dtype) and module.has_variable("params", "kernel")
 
 
@@ -75,3 +74,24 @@ def concatenate(arrays, axis: int):
     """`jnp.concatenate` of bf16 arrays without XLA's CPU round trip through fp32 (differentiable)."""
     axis = axis % arrays[0].ndim
     return _concatenate_bits(tuple(arrays), axis, tuple(x.shape[axis] for x in arrays))
+
+
+def interceptor(next_fun, args, kwargs, context):
+    """For `nn.intercept_methods`: bf16 `nn.Dense` layers and stride-1 convolutions on CPU as bf16 products
+    (`dense`, models/conv.py's `matmul_conv`); every other call as it is."""
+    from .conv import matmul_conv, takes_matmul  # conv.py imports this module
+
+    module = context.module
+    if context.method_name == "__call__" and runs_bf16_matmuls(getattr(module, "dtype", None)):
+        inputs = args[0] if args else kwargs.get("inputs")
+        if takes_dense(module):
+            return dense(module, inputs)
+        if isinstance(module, nn.Conv) and takes_matmul(module, inputs):
+            return matmul_conv(module, inputs)
+    return next_fun(*args, **kwargs)
+
+
+def bf16_products():
+    """A context in which the layers of the models applied inside compute as `interceptor` says: the text
+    encoder, the Q-Former and the VAE (the UNet's interceptor in models/attention.py does the same)."""
+    return nn.intercept_methods(interceptor)

@@ -41,7 +41,8 @@ def _padding_is(padding, pad: int) -> bool:
 
 
 def takes_matmul(module: nn.Module, inputs) -> bool:
-    """Whether `module(inputs)` is a plain 1x1 or small stride-1 3x3 NHWC convolution to run as a matmul."""
+    """Whether `module(inputs)` is a plain 1x1 or small stride-1 3x3 NHWC convolution to run as a matmul (in
+    bf16 on CPU: a 3x3 of any size, padded by 0 or 1 on each side)."""
     if type(module) is not nn.Conv or getattr(inputs, "ndim", 0) != 4:
         return False
     if module.strides not in _UNIT or module.input_dilation not in _UNIT or module.kernel_dilation not in _UNIT:
@@ -52,32 +53,67 @@ def takes_matmul(module: nn.Module, inputs) -> bool:
     if kernel_size == (1, 1):
         return _padding_is(module.padding, 0)
     if kernel_size == (3, 3):
-        small = inputs.shape[1] * inputs.shape[2] <= MAX_PIXELS
-        return _padding_is(module.padding, 1) and (small or bf16_matmul.runs_bf16_matmuls(module.dtype))
+        if bf16_matmul.runs_bf16_matmuls(module.dtype):
+            return _pads_3x3(module.padding) is not None
+        return _padding_is(module.padding, 1) and inputs.shape[1] * inputs.shape[2] <= MAX_PIXELS
     return False
 
 
+def _pads_3x3(padding):
+    """((top, bottom), (left, right)) of a 3x3 conv's `padding` when each is 0 or 1, else None."""
+    if padding == "SAME":
+        return ((1, 1), (1, 1))
+    if padding == "VALID":
+        return ((0, 0), (0, 0))
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    try:
+        pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+    except (TypeError, ValueError):
+        return None
+    return pads if len(pads) == 2 and all(len(pair) == 2 and set(pair) <= {0, 1} for pair in pads) else None
+
+
 def matmul_conv(module: nn.Conv, inputs):
-    """What `module(inputs)` computes (see `takes_matmul`), as one matrix product over im2col patches."""
+    """What `module(inputs)` computes (see `takes_matmul`), as matrix products: in fp32 one over im2col
+    patches; in bf16 on CPU three bf16 ones (`_bf16_rows_conv`)."""
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     size, _, channels, features = kernel.shape
     batch, height, width, _ = inputs.shape
-    bf16 = bf16_matmul.runs_bf16_matmuls(module.dtype)
+    if bf16_matmul.runs_bf16_matmuls(module.dtype):
+        pads = _pads_3x3(module.padding) if size == 3 else ((0, 0), (0, 0))
+        out = _bf16_rows_conv(inputs, kernel, pads, module.precision)
+        out = out if bias is None else out + bias.astype(jnp.float32)  # in fp32, one rounding to bf16
+        return out.astype(module.dtype)
     if size == 3:
         padded = jnp.pad(inputs, ((0, 0), (1, 1), (1, 1), (0, 0)))
         # (i, j, c) channel order, the order of the HWIO kernel flattened below
-        patches = [padded[:, i:i + height, j:j + width] for i in range(3) for j in range(3)]
-        inputs = bf16_matmul.concatenate(patches, axis=-1) if bf16 else jnp.concatenate(patches, axis=-1)
-    inputs, kernel = inputs.reshape(-1, size * size * channels), kernel.reshape(-1, features)
-    if bf16:  # summed in fp32, the bias added there too, one rounding to bf16
-        out = bf16_matmul.dot_general(inputs, kernel, (((1,), (0,)), ((), ())), jnp.float32, module.precision)
-        out = out if bias is None else out + bias.astype(jnp.float32)
-        return out.reshape(batch, height, width, features).astype(module.dtype)
-    out = jnp.matmul(inputs, kernel, precision=module.precision)
+        inputs = jnp.concatenate([padded[:, i:i + height, j:j + width] for i in range(3) for j in range(3)], axis=-1)
+    out = jnp.matmul(inputs.reshape(-1, size * size * channels), kernel.reshape(-1, features),
+                     precision=module.precision)
     out = out.reshape(batch, height, width, features)
     return out if bias is None else out + bias
+
+
+def _bf16_rows_conv(inputs, kernel, pads, precision=None):
+    """A stride-1 NHWC convolution with an HWIO `kernel` (1x1 or 3x3, `pads` ((top, bottom), (left, right))) as
+    bf16 products summed in fp32; returns fp32. A 3x3 kernel's three column taps are side by side in channels
+    (a copy three times the input, not im2col's nine), and each kernel row is one product over the rows of
+    that copy it reaches: in the flattened (rows * width, 3 * channels) copy, a contiguous slice."""
+    dot = lambda x, w: bf16_matmul.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), jnp.float32, precision)  # noqa: E731
+    size, _, channels, features = kernel.shape
+    if size == 1:
+        return dot(inputs, kernel[0, 0])
+    (top, bottom), (left, right) = pads
+    padded = jnp.pad(inputs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    batch, rows, width = padded.shape[0], padded.shape[1], padded.shape[2] - 2
+    height = rows - 2
+    columns = bf16_matmul.concatenate([padded[:, :, j:j + width] for j in range(3)], axis=-1)
+    columns = columns.reshape(batch, rows * width, 3 * channels)
+    out = sum(dot(columns[:, i * width:(i + height) * width], kernel[i].reshape(3 * channels, features)) for i in range(3))
+    return out.reshape(batch, height, width, features)
 
 
 # ---------------------------------------------------------------------------------------------- Winograd

@@ -20,6 +20,7 @@ from ..compilation import compiler_options
 from ..host_memory import trimmed_after_compiling
 from ..image_processing import load_image, numpy_to_pil
 from ..models.attention import intercept_attention
+from ..models.bf16_matmul import bf16_products
 from ..models.block_traces import traced_once_per_block
 from ..models.context_clip import encode_contexts
 from ..models.param_check import traced_with_fast_param_check
@@ -152,6 +153,12 @@ class EditingMixin:
 
     def _edit_program(self, params, scheduler_state, tokens, subject_embeds, latents, arrays, guidance_scale,
                       num_inference_steps, do_cfg, static, real_image):
+        with bf16_products():  # bf16 on CPU: every layer's products on bf16 operands (models/bf16_matmul.py)
+            return self._edit_traced(params, scheduler_state, tokens, subject_embeds, latents, arrays, guidance_scale,
+                                     num_inference_steps, do_cfg, static, real_image)
+
+    def _edit_traced(self, params, scheduler_state, tokens, subject_embeds, latents, arrays, guidance_scale,
+                     num_inference_steps, do_cfg, static, real_image):
         scheduler = self._edit_ddim() if real_image else self.scheduler
         text = {"params": params["text_encoder"]}
         # (unconditional,) source and target prompts in one pass (models/context_clip.encode_contexts)
@@ -188,7 +195,7 @@ class EditingMixin:
 
     def _invert_program(self, params, scheduler_state, image, ids, num_inference_steps):
         """VAE posterior mean of `image`, then DDIM inversion (LAVIS `_ddim_inverse`, guidance 1)."""
-        with traced_once_per_block():  # no attention control in the inversion (models/block_traces.py)
+        with traced_once_per_block(), bf16_products():  # no attention control in the inversion (block_traces.py)
             return self._invert_traced(params, scheduler_state, image, ids, num_inference_steps)
 
     def _invert_traced(self, params, scheduler_state, image, ids, num_inference_steps):

@@ -24,6 +24,7 @@ from ..checkpoint import ConvertedModel, is_converted_directory, load_converted
 from ..host_memory import trimmed_after_compiling
 from ..image_processing import numpy_to_pil, preprocess_reference
 from ..models.attention import attention_interceptor, resolve_implementation
+from ..models.bf16_matmul import bf16_products
 from ..models.block_traces import traced_once_per_block
 from ..models.context_clip import encode_contexts
 from ..models.param_check import traced_with_fast_param_check as _fast_check
@@ -180,7 +181,7 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
     # ------------------------------------------------------------------ subject embeddings
 
     def _encode_subject_fn(self, qformer_params, input_ids, attention_mask, pixel_values):
-        with traced_once_per_block():
+        with traced_once_per_block(), bf16_products():
             return self.qformer.apply({"params": qformer_params}, input_ids, attention_mask, pixel_values)
 
     def encode_subject(self, reference_image, source_subject_category, params, ratio=None):
@@ -261,7 +262,8 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         batch: per-example arrays (split over devices): prompt_ids, uncond_ids, subject_embeds, latents and,
         for ControlNet, control_image (B, 3, H, W). scalars: guidance_scale (and control_scale).
         """
-        with traced_once_per_block():  # no attention control here (models/block_traces.py)
+        # bf16 on CPU: every layer's products on bf16 operands (models/bf16_matmul.py)
+        with traced_once_per_block(), bf16_products():  # no attention control here (models/block_traces.py)
             return self._generate_traced(params, batch, scalars, rng, num_inference_steps, do_cfg, progress)
 
     def _generate_traced(self, params, batch, scalars, rng, num_inference_steps, do_cfg, progress):
