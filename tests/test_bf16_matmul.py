@@ -50,6 +50,18 @@ def convolution_strides(hlo_text: str) -> list[str]:
     return re.findall(r" convolution\(.*?window=\{([^}]*)\}", hlo_text)
 
 
+def _products(jaxpr):
+    """Every dot_general of a jaxpr, inside custom derivatives, loops and calls too."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _products(inner)
+
+
 def _intercepted(module):
     interceptor = attention.attention_interceptor("blockwise")
 
@@ -178,3 +190,21 @@ def test_bf16_generation_leaves_only_strided_convolutions_to_xla(converted_model
     assert windows and all("stride=2x2" in window for window in windows)
     types = dot_operand_types(text)
     assert types.count(("bf16", "bf16")) > 4 * types.count(("f32", "f32"))
+
+
+def test_bf16_products_differentiate_in_bf16():
+    """The gradients of `einsum` are those of the exact product of the rounded operands (within bf16
+    roundings), and the backward products take bf16 operands too."""
+    rng = np.random.default_rng(4)
+    a, b = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((3, 6, 8), (3, 5, 8)))
+    weights = rng.standard_normal((3, 6, 5))
+    loss = lambda a, b: (bf16_matmul.einsum("...id,...jd->...ij", a, b) * weights).sum()  # noqa: E731
+    grad_a, grad_b = jax.grad(loss, argnums=(0, 1))(a, b)
+    assert grad_a.dtype == grad_b.dtype == jnp.float32  # back to the primal dtype
+    exact_a = np.einsum("bij,bjd->bid", _bf16(weights), _bf16(b))
+    exact_b = np.einsum("bij,bid->bjd", _bf16(weights), _bf16(a))
+    for got, exact in ((grad_a, exact_a), (grad_b, exact_b)):
+        np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=0, atol=4 * BF16_ROUNDING * np.abs(exact).max())
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(a, b).jaxpr  # forward and both backward
+    dots = list(_products(jaxpr))
+    assert len(dots) == 3 and all(str(v.aval.dtype) == "bfloat16" for eqn in dots for v in eqn.invars)

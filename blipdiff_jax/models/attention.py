@@ -80,10 +80,9 @@ def _softmax_attention_bf16(scaled_query, key, value, out_dtype):
     sum over the fp32 probabilities (a second pass over them); 4.0-4.9 s with the sum taken by the second
     product from a column of ones appended to `value` (XLA then fuses softmax and both products into one
     slower kernel)."""
-    scores = jnp.einsum("...id,...jd->...ij", scaled_query.astype(jnp.bfloat16), key.astype(jnp.bfloat16),
-                        preferred_element_type=jnp.float32)
+    scores = bf16_matmul.einsum("...id,...jd->...ij", scaled_query, key)
     probs = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True))).astype(jnp.bfloat16)
-    weighted = jnp.einsum("...ij,...jd->...id", probs, value.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    weighted = bf16_matmul.einsum("...ij,...jd->...id", probs, value)
     return (weighted / probs.astype(jnp.float32).sum(-1, keepdims=True)).astype(out_dtype)
 
 

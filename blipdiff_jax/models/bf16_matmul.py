@@ -29,18 +29,45 @@ def runs_bf16_matmuls(dtype) -> bool:
     return dtype is not None and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and jax.default_backend() == "cpu"
 
 
-def dot_general(lhs, rhs, dimension_numbers, out_dtype=jnp.bfloat16, precision=None):
-    """`lax.dot_general` of the operands rounded to bf16, summed in fp32, returned as `out_dtype`."""
-    out = jax.lax.dot_general(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dimension_numbers,
-                              precision=precision, preferred_element_type=jnp.float32)
-    return out.astype(out_dtype)
+def einsum(spec: str, lhs, rhs, out_dtype=jnp.float32):
+    """`jnp.einsum(spec, lhs, rhs)` of the operands rounded to bf16, summed in fp32, returned as `out_dtype`.
+    `spec` is a product of two operands ("...id,...jd->...ij"): every index of an operand appears in the other
+    operand or in the result."""
+    return _bf16_einsum(spec, lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16)).astype(out_dtype)
+
+
+# Differentiated by hand so that the backward products take bf16 operands too: JAX's own rule would multiply
+# the fp32 cotangent with a bf16 operand, which XLA's CPU backend runs as an fp32 product.
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bf16_einsum(spec, lhs, rhs):
+    return jnp.einsum(spec, lhs, rhs, preferred_element_type=jnp.float32)
+
+
+def _bf16_einsum_fwd(spec, lhs, rhs):
+    return _bf16_einsum(spec, lhs, rhs), (lhs, rhs)
+
+
+def _bf16_einsum_bwd(spec, operands, cotangent):
+    lhs, rhs = operands
+    inputs, out = spec.replace(" ", "").split("->")
+    left, right = inputs.split(",")
+    cotangent = cotangent.astype(jnp.bfloat16)
+    d_lhs = jnp.einsum(f"{out},{right}->{left}", cotangent, rhs, preferred_element_type=jnp.float32)
+    d_rhs = jnp.einsum(f"{out},{left}->{right}", cotangent, lhs, preferred_element_type=jnp.float32)
+    return d_lhs.astype(jnp.bfloat16), d_rhs.astype(jnp.bfloat16)
+
+
+_bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
+
+
+def matmul(inputs, kernel, out_dtype=jnp.float32):
+    """`inputs @ kernel` for inputs (..., K) and a (K, N) kernel, by `einsum`."""
+    return einsum("...k,kn->...n", inputs, kernel, out_dtype)
 
 
 def dense(module, inputs):
-    """What a bf16 `nn.Dense` computes, with the product in `dot_general` and the bias added in fp32."""
-    kernel = module.get_variable("params", "kernel")
-    dimensions = (((inputs.ndim - 1,), (0,)), ((), ()))
-    out = dot_general(inputs, kernel, dimensions, jnp.float32, module.precision)
+    """What a bf16 `nn.Dense` computes, with the product in `matmul` and the bias added in fp32."""
+    out = matmul(inputs, module.get_variable("params", "kernel"))
     if module.use_bias:
         out = out + module.get_variable("params", "bias").astype(jnp.float32)
     return out.astype(module.dtype)

@@ -84,7 +84,7 @@ def matmul_conv(module: nn.Conv, inputs):
     batch, height, width, _ = inputs.shape
     if bf16_matmul.runs_bf16_matmuls(module.dtype):
         pads = _pads_3x3(module.padding) if size == 3 else ((0, 0), (0, 0))
-        out = _bf16_rows_conv(inputs, kernel, pads, module.precision)
+        out = _bf16_rows_conv(inputs, kernel, pads)
         out = out if bias is None else out + bias.astype(jnp.float32)  # in fp32, one rounding to bf16
         return out.astype(module.dtype)
     if size == 3:
@@ -97,12 +97,12 @@ def matmul_conv(module: nn.Conv, inputs):
     return out if bias is None else out + bias
 
 
-def _bf16_rows_conv(inputs, kernel, pads, precision=None):
+def _bf16_rows_conv(inputs, kernel, pads):
     """A stride-1 NHWC convolution with an HWIO `kernel` (1x1 or 3x3, `pads` ((top, bottom), (left, right))) as
     bf16 products summed in fp32; returns fp32. A 3x3 kernel's three column taps are side by side in channels
     (a copy three times the input, not im2col's nine), and each kernel row is one product over the rows of
     that copy it reaches: in the flattened (rows * width, 3 * channels) copy, a contiguous slice."""
-    dot = lambda x, w: bf16_matmul.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), jnp.float32, precision)  # noqa: E731
+    dot = bf16_matmul.matmul
     size, _, channels, features = kernel.shape
     if size == 1:
         return dot(inputs, kernel[0, 0])
