@@ -175,10 +175,12 @@ def test_bf16_unet_step_runs_every_product_on_bf16(converted_model):
     assert windows and all("stride=2x2" in window for window in windows)
 
 
-def test_bf16_generation_leaves_only_strided_convolutions_to_xla(converted_model):
-    """The whole bf16 generation program (text encoder, UNet loop, VAE decoder in strips): every stride-1
-    convolution became a bf16 matmul; what XLA still convolves is the UNet's downsamplers. The products
-    into fp32 outnumber those XLA would convert (the attention-score einsums of the text encoder and the VAE)."""
+def test_bf16_generation_runs_text_encoder_and_unet_products_on_bf16(converted_model):
+    """The whole bf16 generation program: every `nn.Dense` of the text encoder and the UNet takes bf16 operands.
+    The products XLA still runs in fp32 are the attention-score einsums of transformers' CLIP text encoder (two
+    per layer) and the VAE decoder's (see `_generate_traced`: its bf16 products cost the compile 0.14 GiB): its
+    mid-block attention (four `nn.Dense`, two einsums) and two 1x1 convolutions XLA runs as dots. Listed on the
+    tiny model, 2026-11-26: 4 + 8. The UNet's convolutions are checked above."""
     from conftest import abstract_generate_args
 
     from blipdiff_jax import FlaxBlipDiffusionPipeline
@@ -186,9 +188,9 @@ def test_bf16_generation_leaves_only_strided_convolutions_to_xla(converted_model
     pipeline, params = FlaxBlipDiffusionPipeline.from_converted(converted_model, dtype=jnp.bfloat16)
     args = abstract_generate_args(pipeline, params, latent_size=16)
     text = pipeline._generate_jit.lower(*args, num_inference_steps=1, do_cfg=True).compile().as_text()
-    windows = convolution_strides(text)
-    assert windows and all("stride=2x2" in window for window in windows)
     types = dot_operand_types(text)
+    layers = pipeline.text_encoder.config.num_hidden_layers
+    assert 0 < types.count(("f32", "f32")) <= 2 * layers + 8  # a text encoder left in fp32 would add 6 per layer
     assert types.count(("bf16", "bf16")) > 4 * types.count(("f32", "f32"))
 
 

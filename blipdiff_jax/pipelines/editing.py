@@ -153,9 +153,12 @@ class EditingMixin:
 
     def _edit_program(self, params, scheduler_state, tokens, subject_embeds, latents, arrays, guidance_scale,
                       num_inference_steps, do_cfg, static, real_image):
-        with bf16_products():  # bf16 on CPU: every layer's products on bf16 operands (models/bf16_matmul.py)
-            return self._edit_traced(params, scheduler_state, tokens, subject_embeds, latents, arrays, guidance_scale,
-                                     num_inference_steps, do_cfg, static, real_image)
+        # bf16 on CPU: the text encoder's and the UNet's products on bf16 operands (models/bf16_matmul.py); the
+        # decoder as in generation (see _generate_traced)
+        with bf16_products():
+            out, latents = self._edit_traced(params, scheduler_state, tokens, subject_embeds, latents, arrays,
+                                             guidance_scale, num_inference_steps, do_cfg, static, real_image)
+        return {**out, "images": decode_latents(self.vae, params["vae"], latents)}
 
     def _edit_traced(self, params, scheduler_state, tokens, subject_embeds, latents, arrays, guidance_scale,
                      num_inference_steps, do_cfg, static, real_image):
@@ -190,8 +193,7 @@ class EditingMixin:
             attention=self._attention,
             combine_guidance=combine, after_step=after_step, aux=jnp.zeros((static.control_pixels,), latents.dtype),
         )
-        return {"images": decode_latents(self.vae, params["vae"], result.latents), "context_finite": jnp.all(jnp.isfinite(context)),
-                "first_nonfinite_step": result.first_nonfinite_step}
+        return {"context_finite": jnp.all(jnp.isfinite(context)), "first_nonfinite_step": result.first_nonfinite_step}, result.latents
 
     def _invert_program(self, params, scheduler_state, image, ids, num_inference_steps):
         """VAE posterior mean of `image`, then DDIM inversion (LAVIS `_ddim_inverse`, guidance 1)."""
