@@ -7,11 +7,12 @@ AVX512-BF16 where the CPU has them). Measured on a 2-core Xeon with AMX (2026-11
 UNet's shapes against 0.2-0.3 TFLOP/s for the fp32 dot. The numbers are the same: a product of two bf16 is
 exact in fp32 and both forms sum in fp32, so the results differ by summation order only.
 
-So, where a layer computes in bf16 on CPU, the attention interceptor (models/attention.py) runs its products
-here: `nn.Dense` as `dense`, convolutions as matmuls over im2col patches (models/conv.py), attention's two
-products in `attention.py`. Also: XLA's CPU backend upcasts a bf16 `concatenate` to fp32 (a 9-tap im2col of
-a 64x64x960 activation became a 283 MB fp32 array and a convert back); `concatenate` moves the bits as
-uint16 instead.
+So, where a layer computes in bf16 on CPU, its products run here: `nn.Dense` as `dense`, stride-1
+convolutions as three products over a column-tap copy (models/conv.py), attention's two products in
+attention.py; inside `bf16_products()` (the text encoder, the Q-Former, the inversion's VAE encoder) and the
+UNet's attention interceptor. Also: XLA's CPU backend upcasts a bf16 `concatenate` to fp32 (a 9-tap im2col of
+a 64x64x960 activation became a 283 MB fp32 array and a convert back); `concatenate` moves the bits as uint16
+instead. Products have their own VJP, so the backward products take bf16 operands too.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def interceptor(next_fun, args, kwargs, context):
 
 
 def bf16_products():
-    """A context in which the layers of the models applied inside compute as `interceptor` says: the text
-    encoder, the Q-Former and the VAE (the UNet's interceptor in models/attention.py does the same)."""
+    """A context in which the layers of the models applied inside compute as `interceptor` says: around the
+    text encoder, the Q-Former and the inversion's VAE encoder (the UNet's interceptor in models/attention.py
+    does the same). The pipelines leave the VAE decoder out: see `_generate_traced`."""
     return nn.intercept_methods(interceptor)
