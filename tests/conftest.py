@@ -158,6 +158,30 @@ def abstract_generate_args(pipeline, params, latent_size: int = 8):
     return params, batch, {"guidance_scale": S((), jnp.float32)}, S((2,), jnp.uint32)
 
 
+def hlo_bodies(hlo_text: str) -> dict[str, list[str]]:
+    """The instruction lines of every computation in a compiled program's text, by computation name."""
+    bodies, current = {}, None
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            bodies[current] = []
+        elif current is not None:
+            bodies[current].append(line)
+    return bodies
+
+
+def jaxpr_equations(jaxpr, primitives: tuple[str, ...]):
+    """Every equation of `primitives` in a jaxpr, inside loops, checkpoints, calls and custom derivatives too."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in primitives:
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from jaxpr_equations(inner, primitives)
+
+
 def converted(name: str, torch_module):
     """Strictly converted Flax params for one PyTorch module, with its config as a dict."""
     from convert.pytorch_dir import convert_component

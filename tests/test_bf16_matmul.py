@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import hlo_bodies, jaxpr_equations
 
 from blipdiff_jax import components
 from blipdiff_jax.models import attention, bf16_matmul, conv
@@ -22,21 +23,10 @@ def _bf16(x):
     return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
 
 
-def _bodies(hlo_text: str) -> dict[str, list[str]]:
-    bodies, current = {}, None
-    for line in hlo_text.splitlines():
-        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
-            current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-            bodies[current] = []
-        elif current is not None:
-            bodies[current].append(line)
-    return bodies
-
-
 def dot_operand_types(hlo_text: str) -> list[tuple[str, str]]:
     """The element types of every dot's two operands in a compiled program (as XLA will run it)."""
     found = []
-    for lines in _bodies(hlo_text).values():
+    for lines in hlo_bodies(hlo_text).values():
         types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", "\n".join(lines)))
         for line in lines:
             match = re.search(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", line)
@@ -48,18 +38,6 @@ def dot_operand_types(hlo_text: str) -> list[tuple[str, str]]:
 def convolution_strides(hlo_text: str) -> list[str]:
     """The window of every convolution left in a compiled program."""
     return re.findall(r" convolution\(.*?window=\{([^}]*)\}", hlo_text)
-
-
-def _products(jaxpr):
-    """Every dot_general of a jaxpr, inside custom derivatives, loops and calls too."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _products(inner)
 
 
 def _intercepted(module):
@@ -208,5 +186,5 @@ def test_bf16_products_differentiate_in_bf16():
     for got, exact in ((grad_a, exact_a), (grad_b, exact_b)):
         np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=0, atol=4 * BF16_ROUNDING * np.abs(exact).max())
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(a, b).jaxpr  # forward and both backward
-    dots = list(_products(jaxpr))
+    dots = list(jaxpr_equations(jaxpr, ("dot_general",)))
     assert len(dots) == 3 and all(str(v.aval.dtype) == "bfloat16" for eqn in dots for v in eqn.invars)

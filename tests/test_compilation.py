@@ -13,7 +13,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import abstract_generate_args
+from conftest import abstract_generate_args, hlo_bodies
 
 from blipdiff_jax import FlaxBlipDiffusionPipeline, compilation
 
@@ -77,13 +77,7 @@ def test_bf16_pipeline_on_cpu_advises_the_flag(converted_model, monkeypatch):
 
 def _library_ops(hlo_text: str) -> set[str]:
     """The convolution and dot ops a compiled CPU program hands to YNNPACK (inside its ynn fusions)."""
-    bodies, current = {}, None
-    for line in hlo_text.splitlines():
-        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
-            current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-            bodies[current] = []
-        elif current is not None:
-            bodies[current].append(line)
+    bodies = hlo_bodies(hlo_text)
     called = re.findall(r"%?ynn_fusion[\w.]* = .*?calls=%?([\w.\-]+)", hlo_text)
     return {op for name in called for line in bodies.get(name, []) for op in re.findall(r" (convolution|dot)\(", line)}
 

@@ -223,15 +223,7 @@ def test_bfloat16_computes_in_bf16_with_float32_master_weights(converted_model, 
     gradients of the fp32 params come out in fp32."""
     from collections import Counter
 
-    def products(jaxpr):  # every conv/dot, inside loops, checkpoints and custom derivatives too
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
-                yield eqn
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (list, tuple)) else [value]:
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        yield from products(inner)
+    from conftest import jaxpr_equations
 
     from blipdiff_jax.training.loss import DiffusionLoss
 
@@ -241,7 +233,8 @@ def test_bfloat16_computes_in_bf16_with_float32_master_weights(converted_model, 
     trainable = {"unet": converted_model.params["unet"], "subject_embeddings": np.zeros((1, 4, 32), np.float32)}
     frozen = {"text_encoder": converted_model.params["text_encoder"]}
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(trainable, frozen, *inputs(0), trainer.input_ids)
-    kinds = Counter(str(operand.aval.dtype) for eqn in products(jaxpr.jaxpr) for operand in eqn.invars[:2])
+    products = jaxpr_equations(jaxpr.jaxpr, ("conv_general_dilated", "dot_general"))
+    kinds = Counter(str(operand.aval.dtype) for eqn in products for operand in eqn.invars[:2])
     assert set(kinds) == {"bfloat16"} and kinds["bfloat16"] > 200
     assert {str(aval.dtype) for aval in jaxpr.out_avals} == {"float32"}
 

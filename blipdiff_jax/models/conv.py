@@ -10,9 +10,11 @@ batch 2, convolutions on XLA's Eigen kernel as our CPU programs compile them, se
 (~80 against ~60 GFLOP/s). So, on CPU: 1x1 convs always, and stride-1 3x3 convs at up to `MAX_PIXELS` pixels,
 become matmuls; the result equals the convolution up to float summation order.
 
-In bf16 on CPU every stride-1 3x3 conv becomes a matmul, at any size: XLA's convolution has no bf16 kernel (it
-converts to fp32), its bf16 matmul does (models/bf16_matmul.py). 64x64x320 -> 320 at batch 2: 45 ms as an
-fp32 convolution, 13 ms as a bf16 matmul over patches the im2col copy writes in a few more.
+In bf16 on CPU every stride-1 3x3 conv becomes bf16 products, at any size: XLA's convolution has no bf16
+kernel (it converts to fp32), its bf16 matmul does (models/bf16_matmul.py). 64x64x320 -> 320 at batch 2: 45 ms
+as an fp32 convolution, 13 ms as one bf16 product over im2col patches (the copy not counted). We use three
+products over a copy three times the input instead (`_bf16_rows_conv`): in the 512x512 UNet step the same
+speed, half the temporaries (0.16 against 0.32 GiB).
 
 Winograd (below) in the UNet itself was measured too: 22-35% faster per 64x64 convolution alone, but in the
 whole step it raised XLA's temporaries from 0.29 to 0.39-1.1 GiB (the transformed kernels and tiles), for a
