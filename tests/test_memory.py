@@ -43,10 +43,11 @@ def test_loading_a_converted_directory_releases_freed_memory(converted_model, tm
     monkeypatch.setattr(host_memory, "release_freed_memory", lambda: calls.append("trim") or True)
     monkeypatch.setattr(host_memory, "return_large_blocks_to_os",
                         lambda threshold=host_memory.MMAP_THRESHOLD: calls.append(threshold) or True)
+    monkeypatch.setattr(host_memory, "keep_freed_scratch", lambda keep: calls.append(("keep", keep)) or True)
     monkeypatch.setattr(checkpoint, "_restore_params", lambda *args: calls.append("read") or converted_model.params)
     checkpoint.load_converted(directory)
     # Pinned low for the reads, raised for what follows (generation), then the heap trimmed.
-    assert calls == [128 * 1024, "read", 32 * 2**20, "trim"]
+    assert calls == [128 * 1024, "read", 32 * 2**20, ("keep", True), "trim"]
 
 
 # One process per case: the threshold is process-wide. A freed 16 MiB block makes glibc raise its mmap
@@ -102,6 +103,45 @@ def test_the_threshold_is_left_alone_when_asked(monkeypatch):
             host_memory.return_large_blocks_to_os(bad)
 
 
+# A 12 MiB block comes from the heap once the mmap threshold is 32 MiB; freed at the top of the heap, glibc
+# keeps it with the running trim threshold (16 MiB) and hands it back with the compiling one (128 KiB).
+SCRATCH = """
+import os, sys
+from blipdiff_jax.host_memory import keep_freed_scratch, return_large_blocks_to_os
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+return_large_blocks_to_os(32 << 20)
+set_ = keep_freed_scratch(sys.argv[1] == "keep")
+before = rss()
+block = bytearray(12 << 20)
+del block
+print(set_, rss() - before)
+"""
+
+
+def test_scratch_is_kept_while_running_and_returned_while_compiling(monkeypatch):
+    if host_memory._glibc() is None:
+        pytest.skip("not glibc: its trim threshold does not exist here")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != host_memory.OPT_OUT_ENV}
+    kept = {}
+    for mode in ("keep", "return"):
+        done = subprocess.run([sys.executable, "-c", SCRATCH, mode], capture_output=True, text=True, cwd=ROOT,
+                              env=dict(env, PYTHONPATH=ROOT), timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        was_set, kept[mode] = done.stdout.split()[-2:]
+        assert was_set == "True"
+    assert int(kept["keep"]) > 10 * 2**20, f"kept only {int(kept['keep']) / 2**20:.1f} MiB of a freed 12 MiB block"
+    assert int(kept["return"]) < 2 * 2**20, f"kept {int(kept['return']) / 2**20:.1f} MiB of a freed 12 MiB block"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # glibc's own tunable: the user's choice
+    assert host_memory.keep_freed_scratch(True) is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv(host_memory.OPT_OUT_ENV, "0")
+    assert host_memory.keep_freed_scratch(True) is False
+
+
 def test_compiling_inside_the_scope_releases_freed_memory(monkeypatch):
     """JAX still reports each compile (the event host_memory listens for), and only inside the scope does
     the heap get trimmed, before the program runs."""
@@ -113,19 +153,21 @@ def test_compiling_inside_the_scope_releases_freed_memory(monkeypatch):
         pytest.skip("no glibc malloc_trim on this platform: nothing to release")
     calls = []
     monkeypatch.setattr(host_memory, "release_freed_memory", lambda: calls.append("trim") or True)
+    monkeypatch.setattr(host_memory, "keep_freed_scratch", lambda keep: calls.append(("keep", keep)) or True)
     ran = []
 
     def program(x):
-        jax.debug.callback(lambda: ran.append(len(calls)))  # how many trims had happened when it ran
+        jax.debug.callback(lambda: ran.append(len(calls)))  # how many calls had happened when it ran
         return x * 2
 
     scoped = host_memory.trimmed_after_compiling(jax.jit(program))
     assert float(scoped(jnp.float32(1.5))) == 3.0
-    assert calls == ["trim"] and ran == [1]  # compiled, trimmed, then run
+    # lowered: freed blocks go back while XLA compiles; compiled: trimmed, scratch kept; then run
+    assert calls == [("keep", False), "trim", ("keep", True)] and ran == [3]
     scoped(jnp.float32(2.0))
-    assert calls == ["trim"]  # no compile, no trim
+    assert len(calls) == 3  # no compile, no trim
     jax.jit(lambda x: x + 1)(jnp.float32(1.0))  # compiled outside the scope
-    assert calls == ["trim"]
+    assert len(calls) == 3
     assert scoped._cache_size() == 1  # the jitted function's own attributes
 
 

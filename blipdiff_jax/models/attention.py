@@ -15,8 +15,8 @@ Implementations ("auto" picks by backend):
 - "dot_product": `jax.nn.dot_product_attention` as XLA lowers it (default on TPU);
 - "xla": diffusers' own attention, untouched.
 
-On CPU, every choice but "xla" also runs the UNet's small convolutions as matmuls (models/conv.py): "xla"
-is diffusers' UNet exactly as shipped, the reference the other choices are tested against.
+On CPU, every choice but "xla" also runs the UNet's small convolutions as matmuls (models/conv.py) and its
+feed-forwards in chunks of rows (models/feed_forward.py): "xla" is diffusers' UNet exactly as shipped, the reference the other choices are tested against.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from diffusers.models.attention_flax import FlaxAttention
 
 from . import bf16_matmul
 from .conv import matmul_conv, takes_matmul
+from .feed_forward import chunk_rows, chunked_feed_forward
 
 IMPLEMENTATIONS = ("auto", "blockwise", "cudnn", "dot_product", "xla")
 FUSED_DTYPES = (jnp.float16, jnp.bfloat16)
@@ -145,8 +146,9 @@ def attend(module: FlaxAttention, hidden_states, context, implementation: str, b
 
 def attention_interceptor(implementation: str = "auto", block_size: int | None = None):
     """An interceptor for `nn.intercept_methods` that runs every `FlaxAttention` with `implementation` (and,
-    on CPU, small convolutions as matmuls, and in bf16 every `nn.Dense` and stride-1 convolution as a bf16
-    product, models/bf16_matmul.py); None for "xla" (nothing to intercept)."""
+    on CPU, small convolutions as matmuls, the feed-forwards in chunks of rows (models/feed_forward.py), and in
+    bf16 every `nn.Dense` and stride-1 convolution as a bf16 product, models/bf16_matmul.py); None for "xla"
+    (nothing to intercept)."""
     implementation = resolve_implementation(implementation)
     if implementation == "xla":
         return None
@@ -157,6 +159,10 @@ def attention_interceptor(implementation: str = "auto", block_size: int | None =
             return next_fun(*args, **kwargs)
         if bf16_matmul.takes_dense(context.module):  # bf16 on CPU: the product on bf16 operands
             return bf16_matmul.dense(context.module, args[0] if args else kwargs["inputs"])
+        if matmul_convs:  # the feed-forward in chunks of rows (models/feed_forward.py)
+            rows = chunk_rows(context.module, args[0] if args else None, kwargs.get("deterministic", True))
+            if rows:
+                return chunked_feed_forward(context.module, args[0], rows)
         if matmul_convs and isinstance(context.module, nn.Conv):
             inputs = args[0] if args else kwargs.get("inputs")
             if takes_matmul(context.module, inputs):  # False for inputs None (not an array)
