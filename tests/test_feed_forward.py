@@ -41,6 +41,8 @@ def test_interceptor_chunks_and_gradients_match(monkeypatch):
     jaxpr = jax.make_jaxpr(lambda p, x: loss(p, x, swapped))(params, hidden).jaxpr
     scans = [e for e in jaxpr_equations(jaxpr, ("scan",)) if e.params["length"] == 2 * 256 // 64]
     assert scans, "the interceptor did not run the feed-forward in 8 chunks"
+    # each chunk checkpointed: under a gradient its hidden state is recomputed, not stacked (fine-tuning memory)
+    assert all(any(True for _ in jaxpr_equations(e.params["jaxpr"].jaxpr, ("checkpoint", "remat2"))) for e in scans)
     for argnums in (0, 1):
         got = jax.jit(jax.grad(lambda p, x: loss(p, x, swapped), argnums))(params, hidden)
         want = jax.grad(lambda p, x: loss(p, x, None), argnums)(params, hidden)
