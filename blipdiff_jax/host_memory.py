@@ -19,7 +19,7 @@ needs the most memory runs. `trimmed_after_compiling` hands it back between the 
 from the persistent cache.
 
 What a program frees while it runs is the opposite case: its scratch buffers are needed again by the next
-operation, so while our programs run glibc keeps up to 64 MiB of free memory at the top of each heap arena
+operation, so while our programs run glibc keeps up to 16 MiB of free memory at the top of each heap arena
 (`keep_freed_scratch`) instead of 128 KiB, and while XLA compiles it goes back to 128 KiB.
 """
 
@@ -42,9 +42,10 @@ AFTER_READING = 32 * 1024 * 1024
 # Setting the mmap threshold turns glibc's own rule off (which would raise it to twice the mmap threshold), so
 # it stays at 128 KiB: every freed scratch buffer at the top of an arena went back to the OS, to be faulted in
 # again by the next operation. A 512x512 fp32 UNet step took 730,000 page faults and 1.0 s of system time so,
-# 80,000 and 0.3 s at 64 MiB (2-core Xeon, 2026-11-27; what is left is mostly XLA's temporaries, one block
+# 93,000 and 0.2 s at 16 MiB (2-core Xeon, 2026-11-27; what is left is mostly XLA's temporaries, one block
 # above the mmap threshold, mapped afresh per call); a 2-step 512x512 image 26.3-26.7 s instead of 27.5-29.4.
-# While XLA compiles it stays low: kept free blocks raised the bf16 generation's cold peak from 4.08 to 4.21 GiB.
+# 64 MiB saved little more (80,000 faults), and it, or a high threshold while XLA compiles, raised the bf16
+# generation's cold peak from 4.08 to 4.21 GiB; so 16 MiB, and 128 KiB while compiling.
 TRIM_WHILE_RUNNING = 16 * 2**20
 TRIM_WHILE_COMPILING = MMAP_THRESHOLD
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's <malloc.h>
@@ -145,7 +146,8 @@ def _after_compile(event, duration, **kwargs):
 @contextlib.contextmanager
 def releasing_after_compiles():
     """While inside, each XLA compilation runs with glibc's trim threshold low and is followed by
-    `release_freed_memory()` and the threshold raised, before its program runs (see the module docstring). Re-entrant; does nothing with BLIPDIFF_JAX_TUNE_MALLOC=0 or without glibc."""
+    `release_freed_memory()` and the threshold raised, before its program runs (see the module docstring).
+    Re-entrant; does nothing with BLIPDIFF_JAX_TUNE_MALLOC=0 or without glibc."""
     if _opted_out() or _glibc() is None:
         yield False
         return

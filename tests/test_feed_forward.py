@@ -69,6 +69,20 @@ def test_left_whole_when_it_should_be():
     assert feed_forward.chunk_rows(nn.Dense(4), hidden, deterministic=True, chunk_bytes=128 * 1024) is None
 
 
+@pytest.mark.parametrize("positional", [False, True])
+def test_interceptor_leaves_dropout_whole(positional, monkeypatch):
+    """A feed-forward with dropout on, `deterministic=False` passed either way, runs whole (no chunk loop)."""
+    monkeypatch.setattr(feed_forward, "CHUNK_BYTES", 64 * 8 * 32 * 4)
+    module, params, hidden = _module_and_input(dropout=0.1)
+    call = (lambda m, x: m(x, False)) if positional else (lambda m, x: m(x, deterministic=False))
+
+    def run(params, hidden):
+        with attention.intercept_attention(attention.attention_interceptor("blockwise")):
+            return module.apply(params, hidden, method=call, rngs={"dropout": jax.random.PRNGKey(1)})
+
+    assert not list(jaxpr_equations(jax.make_jaxpr(run)(params, hidden).jaxpr, ("scan",)))
+
+
 def test_pipeline_with_chunked_feed_forwards(converted_model, monkeypatch):
     """The tiny pipeline with its 16x16-latent feed-forwards in chunks gives the images it gives without."""
     latents = np.random.RandomState(0).randn(1, 4, 16, 16).astype(np.float32)

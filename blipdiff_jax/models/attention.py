@@ -16,7 +16,8 @@ Implementations ("auto" picks by backend):
 - "xla": diffusers' own attention, untouched.
 
 On CPU, every choice but "xla" also runs the UNet's small convolutions as matmuls (models/conv.py) and its
-feed-forwards in chunks of rows (models/feed_forward.py): "xla" is diffusers' UNet exactly as shipped, the reference the other choices are tested against.
+feed-forwards in chunks of rows (models/feed_forward.py): "xla" is diffusers' UNet exactly as shipped, the
+reference the other choices are tested against.
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def attention_interceptor(implementation: str = "auto", block_size: int | None =
         if bf16_matmul.takes_dense(context.module):  # bf16 on CPU: the product on bf16 operands
             return bf16_matmul.dense(context.module, args[0] if args else kwargs["inputs"])
         if matmul_convs:  # the feed-forward in chunks of rows (models/feed_forward.py)
-            rows = chunk_rows(context.module, args[0] if args else None, kwargs.get("deterministic", True))
+            deterministic = args[1] if len(args) > 1 else kwargs.get("deterministic", True)
+            rows = chunk_rows(context.module, args[0] if args else None, deterministic)
             if rows:
                 return chunked_feed_forward(context.module, args[0], rows)
         if matmul_convs and isinstance(context.module, nn.Conv):
