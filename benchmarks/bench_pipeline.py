@@ -1,15 +1,17 @@
 """Ours against diffusers' PyTorch BlipDiffusionPipeline at the real size (random weights), side by side.
 
-    python benchmarks/bench_pipeline.py [--sizes 512 256] [--steps 2] [--workdir benchmarks/.cache]
+    python benchmarks/bench_pipeline.py [--sizes 512 256] [--steps 2] [--long-steps 6] [--workdir benchmarks/.cache]
 
 1. Builds the real-size architecture (`../shared/reference/blipdiffusion_full.json`) with random weights once,
    saves it with `save_pretrained` and converts it (both cached in --workdir).
-2. Runs each side in its own process: PyTorch; JAX cold (empty persistent compilation cache); JAX warm (the
-   cache the cold run filled); with --bf16 the same in bf16 at the largest size (its peak memory), and PyTorch in
-   bf16 there too; last, JAX warm at the largest size with torch
-   importable. The other JAX processes run without torch, as a runtime install does. Each process reports, per
+2. Runs each side in its own process: JAX cold (empty persistent compilation cache); PyTorch; JAX warm (the
+   cache the cold run filled); with --bf16 JAX in bf16 at the largest size (its peak memory), cold, PyTorch in
+   bf16 there too, then JAX bf16 warm; last, JAX warm at the largest size with torch importable. The runs whose
+   steady times are compared run next to each other. The other JAX processes run without torch, as a runtime
+   install does. Each process reports, per
    size: first-call time, steady time per image and per denoising step (from calls with `steps` and
-   `2 * steps`; in the PyTorch, JAX warm and bf16 runs the fastest of `--repeats` calls of each, interleaved),
+   `long_steps`: (T(long) - T(steps)) / (long - steps); in the PyTorch, JAX warm and bf16 runs the fastest of
+   `--repeats` calls of each, interleaved),
    subject-encoding time, RSS after imports, and peak RSS.
 3. Prints a markdown table with ratios (ours / PyTorch) and writes it to `benchmarks/results.md`, the raw numbers
    to `benchmarks/results.json`.
@@ -133,7 +135,9 @@ def load_torch_pipeline(model_dir: str, dtype=None, device: str = "cpu"):
     return pipeline.to(device), index
 
 
-def run_torch(model_dir: str, sizes: list[int], steps: int, repeats: int = 1, dtype: str = "float32") -> dict:
+def run_torch(model_dir: str, sizes: list[int], steps: int, repeats: int = 1, dtype: str = "float32",
+              long_steps: int | None = None) -> dict:
+    long_steps = long_steps or 2 * steps
     import diffusers  # noqa: F401
     import torch
 
@@ -150,20 +154,22 @@ def run_torch(model_dir: str, sizes: list[int], steps: int, repeats: int = 1, dt
         encode = time.perf_counter() - start
         for size in sizes:
             timing = {}
-            for n in (steps,) + (steps, 2 * steps) * repeats:  # the first call warms up
+            for n in (steps,) + (steps, long_steps) * repeats:  # the first call warms up
                 start = time.perf_counter()
                 pipeline("on the beach", image, "dog", "dog", height=size, width=size, num_inference_steps=n,
                          generator=torch.Generator().manual_seed(0),
                          output_type="np" if dtype == "float32" else "pt")  # numpy has no bf16
                 timing.setdefault(n, []).append(time.perf_counter() - start)
-            image_s, long_s = min(timing[steps][1:]), min(timing[2 * steps])
-            results[size] = {"first_call_s": timing[steps][0], "image_s": image_s, "step_s": (long_s - image_s) / steps,
+            image_s, long_s = min(timing[steps][1:]), min(timing[long_steps])
+            results[size] = {"first_call_s": timing[steps][0], "image_s": image_s,
+                             "step_s": (long_s - image_s) / (long_steps - steps),
                              "compile_s": 0.0, "calls_s": timing}
     return {"sizes": results, "subject_encoding_s": encode, "peak_rss_gb": peak_rss_gb(), "imports_rss_gb": imports_rss}
 
 
 def run_jax(model_dir: str, sizes: list[int], steps: int, cache_dir: str, dtype: str = "float32",
-            repeats: int = 1) -> dict:
+            repeats: int = 1, long_steps: int | None = None) -> dict:
+    long_steps = long_steps or 2 * steps
     import blipdiff_jax
 
     if dtype != "float32":  # bf16 on CPU: XLA's memory-aware scheduler (blipdiff_jax/compilation.py)
@@ -197,15 +203,16 @@ def run_jax(model_dir: str, sizes: list[int], steps: int, cache_dir: str, dtype:
         timing = {}
         compile_events = {}
         # The first call of each step count compiles; then `repeats` steady calls of each, interleaved.
-        for n in (steps, 2 * steps) + (steps, 2 * steps) * repeats:
+        for n in (steps, long_steps) + (steps, long_steps) * repeats:
             before = compile_clock[0]
             start = time.perf_counter()
             pipeline("on the beach", image, "dog", "dog", params=params, prng_seed=jax.random.PRNGKey(0),
                      height=size, width=size, num_inference_steps=n, output_type="np")
             timing.setdefault(n, []).append(time.perf_counter() - start)
             compile_events.setdefault(n, compile_clock[0] - before)
-        image_s, long_s = min(timing[steps][1:]), min(timing[2 * steps][1:])
-        results[size] = {"first_call_s": timing[steps][0], "image_s": image_s, "step_s": (long_s - image_s) / steps,
+        image_s, long_s = min(timing[steps][1:]), min(timing[long_steps][1:])
+        results[size] = {"first_call_s": timing[steps][0], "image_s": image_s,
+                         "step_s": (long_s - image_s) / (long_steps - steps),
                          "compile_s": timing[steps][0] - image_s, "compile_events_s": compile_events[steps],
                          "calls_s": timing}
     return {"sizes": results, "subject_encoding_s": encode, "subject_encoding_first_s": first_encode,
@@ -216,11 +223,12 @@ def run_jax(model_dir: str, sizes: list[int], steps: int, cache_dir: str, dtype:
 # --------------------------------------------------------------------------- driver
 
 
-def table(runs: dict, sizes: list[int], steps: int) -> str:
+def table(runs: dict, sizes: list[int], steps: int, long_steps: int) -> str:
     torch_run, cold, warm = runs["torch"], runs["jax_cold"], runs["jax_warm"]
     lines = [
         f"Measured {datetime.date.today()} on {cpu_description()}, fp32, random weights of "
-        f"the real size, PNDM, guidance 7.5, {steps} and {2 * steps} steps; JAX device: {cold.get('device')}. The JAX "
+        f"the real size, PNDM, guidance 7.5, {steps} and {long_steps} steps (a step: the difference over the "
+        f"{long_steps - steps} extra steps); JAX device: {cold.get('device')}. The JAX "
         f"side runs {'with torch imported' if warm.get('torch_imported') else 'as a runtime install does, without torch'} "
         f"(one extra run with torch importable). Memory in GiB.",
         "",
@@ -278,7 +286,10 @@ def table(runs: dict, sizes: list[int], steps: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 256])
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="steps of the image that gives the time per image")
+    parser.add_argument("--long-steps", type=int, default=6,
+                        help="steps of the longer call: the time per step is the difference over the extra steps "
+                             "(more extra steps, less of the machine's noise in it)")
     parser.add_argument("--workdir", default=os.path.join(HERE, ".cache"))
     parser.add_argument("--side", choices=["torch", "jax"], help=argparse.SUPPRESS)  # internal: one side per process
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -289,13 +300,16 @@ def main() -> None:
                         help="steady calls per step count in the runs that give the steady times (the minimum counts)")
     parser.add_argument("--bf16", action="store_true", help="also run the JAX side with bf16 params (cold, then warm cache)")
     args = parser.parse_args()
+    if args.long_steps <= args.steps:
+        parser.error("--long-steps must be more than --steps")
     if args.side == "jax" and not args.torch_importable:
         # As a runtime install runs (blipdiff_jax needs no torch): with torch installed, importing diffusers
         # would import it (its logging module tries to), 0.3 GiB. One extra run measures that case.
         sys.modules["torch"] = None
     if args.side:
-        result = run_torch(args.model, args.sizes, args.steps, args.repeats, args.dtype) if args.side == "torch" else \
-            run_jax(args.model, args.sizes, args.steps, args.jax_cache, args.dtype, args.repeats)
+        result = run_torch(args.model, args.sizes, args.steps, args.repeats, args.dtype, args.long_steps) \
+            if args.side == "torch" else \
+            run_jax(args.model, args.sizes, args.steps, args.jax_cache, args.dtype, args.repeats, args.long_steps)
         print("RESULT " + json.dumps(result), flush=True)
         return
     if not os.path.isfile(FULL_CONFIG):
@@ -304,25 +318,28 @@ def main() -> None:
     torch_dir, flax_dir = ensure_models(args.workdir)
     jax_cache = os.path.join(args.workdir, f"jax-cache-{os.getpid()}")
     runs = {}
-    sides = [("torch", "torch", torch_dir, "float32"), ("jax_cold", "jax", flax_dir, "float32"),
+    # The runs whose steady times are compared run next to each other (PyTorch, then JAX warm; JAX bf16, then
+    # PyTorch bf16): this shared machine's speed drifts over minutes.
+    sides = [("jax_cold", "jax", flax_dir, "float32"), ("torch", "torch", torch_dir, "float32"),
              ("jax_warm", "jax", flax_dir, "float32")]
     if args.bf16:  # cold, then warm from the cache the cold run filled; PyTorch in bf16 too
-        sides += [("jax_bf16", "jax", flax_dir, "bfloat16"), ("jax_bf16_warm", "jax", flax_dir, "bfloat16"),
-                  ("torch_bf16", "torch", torch_dir, "bfloat16")]
+        sides += [("jax_bf16", "jax", flax_dir, "bfloat16"), ("torch_bf16", "torch", torch_dir, "bfloat16"),
+                  ("jax_bf16_warm", "jax", flax_dir, "bfloat16")]
     sides += [("jax_warm_torch", "jax", flax_dir, "float32")]  # the peak size again, torch importable
     for name, side, model, dtype in sides:
         print(f"running {name} ...", flush=True)
         sizes = [max(args.sizes)] if dtype == "bfloat16" else args.sizes  # bf16: the peak size's memory and speed
         sizes = [max(args.sizes)] if name == "jax_warm_torch" else sizes
         command = [sys.executable, __file__, "--side", side, "--model", model, "--jax-cache", jax_cache,
-                   "--steps", str(args.steps), "--dtype", dtype, "--sizes", *map(str, sizes)]
+                   "--steps", str(args.steps), "--long-steps", str(args.long_steps), "--dtype", dtype,
+                   "--sizes", *map(str, sizes)]
         command += ["--torch-importable"] if name == "jax_warm_torch" else []
         # Steady times come from PyTorch, JAX warm and bf16 (its step): those repeat; the others only need a
         # first call and one steady call (compile time, memory).
         command += ["--repeats", str(args.repeats if name in ("torch", "jax_warm", "jax_bf16", "torch_bf16") else 1)]
         output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         runs[name] = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
-    report = table(runs, args.sizes, args.steps)
+    report = table(runs, args.sizes, args.steps, args.long_steps)
     print(report)
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write(report + "\n")
