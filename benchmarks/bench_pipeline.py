@@ -135,9 +135,8 @@ def load_torch_pipeline(model_dir: str, dtype=None, device: str = "cpu"):
     return pipeline.to(device), index
 
 
-def run_torch(model_dir: str, sizes: list[int], steps: int, repeats: int = 1, dtype: str = "float32",
-              long_steps: int | None = None) -> dict:
-    long_steps = long_steps or 2 * steps
+def run_torch(model_dir: str, sizes: list[int], steps: int, long_steps: int, repeats: int = 1,
+              dtype: str = "float32") -> dict:
     import diffusers  # noqa: F401
     import torch
 
@@ -167,9 +166,8 @@ def run_torch(model_dir: str, sizes: list[int], steps: int, repeats: int = 1, dt
     return {"sizes": results, "subject_encoding_s": encode, "peak_rss_gb": peak_rss_gb(), "imports_rss_gb": imports_rss}
 
 
-def run_jax(model_dir: str, sizes: list[int], steps: int, cache_dir: str, dtype: str = "float32",
-            repeats: int = 1, long_steps: int | None = None) -> dict:
-    long_steps = long_steps or 2 * steps
+def run_jax(model_dir: str, sizes: list[int], steps: int, long_steps: int, cache_dir: str, dtype: str = "float32",
+            repeats: int = 1) -> dict:
     import blipdiff_jax
 
     if dtype != "float32":  # bf16 on CPU: XLA's memory-aware scheduler (blipdiff_jax/compilation.py)
@@ -307,9 +305,9 @@ def main() -> None:
         # would import it (its logging module tries to), 0.3 GiB. One extra run measures that case.
         sys.modules["torch"] = None
     if args.side:
-        result = run_torch(args.model, args.sizes, args.steps, args.repeats, args.dtype, args.long_steps) \
+        result = run_torch(args.model, args.sizes, args.steps, args.long_steps, args.repeats, args.dtype) \
             if args.side == "torch" else \
-            run_jax(args.model, args.sizes, args.steps, args.jax_cache, args.dtype, args.repeats, args.long_steps)
+            run_jax(args.model, args.sizes, args.steps, args.long_steps, args.jax_cache, args.dtype, args.repeats)
         print("RESULT " + json.dumps(result), flush=True)
         return
     if not os.path.isfile(FULL_CONFIG):

@@ -71,6 +71,15 @@ def _glibc():
     return None  # musl, macOS, Windows
 
 
+def _mallopt(parameter: int, value: int, user_env: str) -> bool:
+    """glibc's `mallopt(parameter, value)`; False (nothing set) without glibc, with BLIPDIFF_JAX_TUNE_MALLOC=0,
+    or when the user set glibc's own tunable for it (`user_env`) in the environment."""
+    if _opted_out() or user_env in os.environ:
+        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(parameter, value))
+
+
 def release_freed_memory() -> bool:
     """Hand the C heap's free pages back to the OS (glibc `malloc_trim`); False where there is no glibc.
 
@@ -90,24 +99,14 @@ def return_large_blocks_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
     there is no glibc, when MALLOC_MMAP_THRESHOLD_ is in the environment, or when BLIPDIFF_JAX_TUNE_MALLOC=0."""
     if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold <= 0:
         raise ValueError(f"threshold must be a positive number of bytes, got {threshold!r}")
-    if _opted_out() or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    libc = _glibc()
-    if libc is None:
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    return _mallopt(_M_MMAP_THRESHOLD, threshold, "MALLOC_MMAP_THRESHOLD_")
 
 
 def keep_freed_scratch(keep: bool) -> bool:
     """Set glibc's trim threshold: `TRIM_WHILE_RUNNING` (keep) or `TRIM_WHILE_COMPILING` (see above). Not set
     where there is no glibc, when MALLOC_TRIM_THRESHOLD_ is in the environment, or when
     BLIPDIFF_JAX_TUNE_MALLOC=0; returns whether it was set."""
-    if _opted_out() or "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        return False
-    libc = _glibc()
-    if libc is None:
-        return False
-    return bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_WHILE_RUNNING if keep else TRIM_WHILE_COMPILING))
+    return _mallopt(_M_TRIM_THRESHOLD, TRIM_WHILE_RUNNING if keep else TRIM_WHILE_COMPILING, "MALLOC_TRIM_THRESHOLD_")
 
 
 @contextlib.contextmanager

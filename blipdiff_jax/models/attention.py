@@ -31,7 +31,7 @@ from diffusers.models.attention_flax import FlaxAttention
 
 from . import bf16_matmul
 from .conv import matmul_conv, takes_matmul
-from .feed_forward import chunk_rows, chunked_feed_forward
+from .feed_forward import chunk_rows, chunked_feed_forward, halved_to_fit
 
 IMPLEMENTATIONS = ("auto", "blockwise", "cudnn", "dot_product", "xla")
 FUSED_DTYPES = (jnp.float16, jnp.bfloat16)
@@ -90,11 +90,7 @@ def _softmax_attention_bf16(scaled_query, key, value, out_dtype):
 
 def queries_per_block(length: int, keys: int, scores_per_block: int | None = None) -> int:
     """The most queries (`length` halved while even) whose scores against `keys` keys fit `scores_per_block`."""
-    budget = scores_per_block or SCORES_PER_BLOCK
-    size = length
-    while size * keys > budget and size % 2 == 0:
-        size //= 2
-    return size
+    return halved_to_fit(length, keys, scores_per_block or SCORES_PER_BLOCK)
 
 
 def blockwise_attention(query, key, value, scale: float, block_size: int | None = None):

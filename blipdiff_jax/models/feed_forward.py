@@ -21,13 +21,19 @@ CHUNK_BYTES = 10 * 2**20
 MIN_CHUNKS = 4
 
 
+def halved_to_fit(length: int, width: int, budget: int) -> int:
+    """`length` halved while even, until `length x width` elements fit `budget` (also the attention's query
+    blocks, models/attention.py)."""
+    size = length
+    while size * width > budget and size % 2 == 0:
+        size //= 2
+    return size
+
+
 def rows_per_chunk(rows: int, hidden_width: int, chunk_bytes: int | None = None) -> int | None:
     """Rows per chunk (`rows` halved while even, until the chunk's fp32 hidden state fits `chunk_bytes`), or
     None when that leaves fewer than `MIN_CHUNKS` chunks."""
-    budget = chunk_bytes or CHUNK_BYTES
-    size = rows
-    while size * hidden_width * 4 > budget and size % 2 == 0:
-        size //= 2
+    size = halved_to_fit(rows, hidden_width, (chunk_bytes or CHUNK_BYTES) // 4)
     return size if rows // size >= MIN_CHUNKS else None
 
 
