@@ -114,7 +114,7 @@ def check_finite(result: dict, num_steps: int) -> None:
     bad = steps[steps >= 0]
     if bad.size:
         raise FloatingPointError(
-            f"non-finite latents after denoising step {int(bad.min())} of {num_steps} (UNet or scheduler output; "
+            f"non-finite latents after denoising step {int(bad.min()) + 1} of {num_steps} (UNet or scheduler output; "
             f"with bf16/fp16 weights try float32)"
         )
     if not bool(np.all(np.isfinite(np.asarray(result["images"])))):

@@ -35,7 +35,7 @@ from .attention_control import (
     schedule_arrays,
 )
 from .denoise import check_finite, decode_latents, denoise
-from .inputs import as_list
+from .inputs import as_list, as_prng_key
 
 # LAVIS builds its DDIM scheduler (inversion, real-image edits) from Stable Diffusion 1.5's scheduler config.
 LAVIS_DDIM_CONFIG = {
@@ -242,7 +242,7 @@ class EditingMixin:
         if params is None:
             raise ValueError("params: pass the params returned by from_pretrained")
         prompt = _single(prompt, "prompt")
-        self._check_common(height, width, num_inference_steps, 1.0, "np")
+        self._check_common(height, width, num_inference_steps, 1.0, "np", scheduler=self._edit_ddim())
         return self._invert_pixels(prepare_real_image(image, height, width), prompt, params, num_inference_steps)
 
     def _invert_pixels(self, pixels, prompt, params, num_inference_steps):
@@ -294,20 +294,25 @@ class EditingMixin:
         original_subject = _single(original_subject, "original_subject")
         target = _single(target_subject_category, "target_subject_category")
         neg = _single(neg_prompt if neg_prompt is not None else "", "neg_prompt")
-        self._check_common(height, width, num_inference_steps, guidance_scale, output_type)
+        real_image = image is not None
+        self._check_common(height, width, num_inference_steps, guidance_scale, output_type,
+                           scheduler=self._edit_ddim() if real_image else None)
+        if real_image:
+            self._check_steps(num_inversion_steps, "num_inversion_steps", self._edit_ddim())
         cross = _fraction(cross_replace_steps, "cross_replace_steps")
         self_steps = _fraction(self_replace_steps, "self_replace_steps")
         if isinstance(lb_threshold, bool) or not isinstance(lb_threshold, (int, float)) or not np.isfinite(lb_threshold):
             raise ValueError(f"lb_threshold must be a finite number, got {lb_threshold!r}")
-        real_image = image is not None
         pixels = prepare_real_image(image, height, width) if real_image else None
-        if real_image:
-            self._check_common(height, width, num_inversion_steps, 1.0, "np")
+        if prng_seed is not None:
+            prng_seed = as_prng_key(prng_seed)
         edit_tokens = self._edit_tokens(prompt, original_subject, target, controller, equalizer)
         if subject_embeddings is None:
             if reference_image is None:
                 raise ValueError("reference_image: required (or pass subject_embeddings)")
             subject_embeddings = self.encode_subject(reference_image, _single(source_subject_category, "source_subject_category"), params)
+        else:
+            subject_embeddings = self._given_embeddings(subject_embeddings)
         subject_embeddings = jnp.asarray(subject_embeddings, self.dtype)[:1]
 
         if real_image:

@@ -20,4 +20,41 @@ def broadcast(values: list, batch: int, argname: str) -> list:
         return values
     if len(values) == 1:
         return values * batch
-    raise ValueError(f"{argname} has {len(values)} entries but there are {batch} prompts (give 1 or {batch})")
+    raise ValueError(f"{argname} has {len(values)} entries for {prompts(batch)} ({give(batch)})")
+
+
+def prompts(batch: int) -> str:
+    return "1 prompt" if batch == 1 else f"{batch} prompts"
+
+
+def give(batch: int) -> str:
+    """What a per-prompt argument may hold: one entry, or one per prompt."""
+    return "give 1" if batch == 1 else f"give 1 or {batch}"
+
+
+def as_prng_key(prng_seed):
+    """One PRNG key from `prng_seed`: a raw key (`jax.random.PRNGKey`, uint32) or a typed one (`jax.random.key`);
+    of per-device keys, the first. Typed keys of the default implementation become raw keys, so both share
+    one compiled program."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if isinstance(prng_seed, (bool, int, float, np.integer, np.floating)):
+        raise TypeError(f"prng_seed must be a JAX PRNG key such as jax.random.key({prng_seed!r}) or "
+                        f"jax.random.PRNGKey({prng_seed!r}), not {type(prng_seed).__name__}")
+    try:
+        key = jnp.asarray(prng_seed)
+    except (TypeError, ValueError):
+        raise TypeError(f"prng_seed must be a JAX PRNG key (jax.random.key or jax.random.PRNGKey), not "
+                        f"{type(prng_seed).__name__}") from None
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = key.reshape(-1)[0]
+        if jax.random.key_impl(key) == jax.random.key_impl(jax.random.key(0)):
+            key = jax.random.key_data(key)
+        return key
+    size = jax.random.key_data(jax.random.key(0)).shape[-1]
+    if key.dtype != jnp.uint32 or key.ndim < 1 or key.shape[-1] != size:
+        raise TypeError(f"prng_seed must be a JAX PRNG key (jax.random.key or jax.random.PRNGKey), not an array of "
+                        f"{key.dtype} with shape {tuple(key.shape)}")
+    return key.reshape(-1, size)[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import warnings
 from functools import partial
 
@@ -31,12 +32,23 @@ from ..models.param_check import traced_with_fast_param_check as _fast_check
 from .denoise import check_finite, decode_latents, denoise
 from .editing import EditingMixin
 from .inputs import as_list as _as_list
+from .inputs import as_prng_key
 from .inputs import broadcast as _broadcast
 
 silence_flax_deprecation()
 
 OUTPUT_TYPES = ("pil", "np")
 MAX_SIDE = 4096  # documented maximum height/width in pixels
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def caller_stacklevel() -> int:
+    """The `stacklevel` for `warnings.warn`, called by the function that calls this one, that points at the
+    first line outside this package: the user's call, however deep inside the package the warning is made."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclasses.dataclass
@@ -77,7 +89,7 @@ def _advise_memory_aware_scheduler(dtype) -> None:
         warnings.warn(
             f"{jnp.dtype(dtype).name} params on CPU: XLA's default scheduler converts every weight to fp32 up front "
             f"(an fp32 model copy in memory); call blipdiff_jax.prefer_memory_on_cpu() before JAX starts, or set "
-            f"XLA_FLAGS='{compilation.RECOMMENDED_XLA_FLAGS}'", stacklevel=3)
+            f"XLA_FLAGS='{compilation.RECOMMENDED_XLA_FLAGS}'", stacklevel=caller_stacklevel())
 
 
 class FlaxBlipDiffusionPipeline(EditingMixin):
@@ -212,8 +224,18 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         embeddings = self._encode_subject(
             qformer_params, tokens.input_ids.astype(np.int32), tokens.attention_mask.astype(np.int32), jnp.asarray(pixels, self.dtype)
         )
+        if not bool(jnp.all(jnp.isfinite(embeddings))):
+            raise FloatingPointError("non-finite values in the subject encoder (Q-Former) output (check the qformer weights)")
         if ratio is not None:
             embeddings = jnp.tensordot(jnp.asarray(ratio, embeddings.dtype), embeddings, axes=1)[None]
+        return embeddings
+
+    def _given_embeddings(self, subject_embeddings, argname="subject_embeddings"):
+        """Subject embeddings passed in (or the model's learned ones) as an array of the pipeline's dtype; NaN
+        or inf in them is refused, as in latents."""
+        embeddings = jnp.asarray(subject_embeddings, self.dtype)
+        if not bool(jnp.all(jnp.isfinite(embeddings))):
+            raise ValueError(f"{argname} hold NaN or inf")
         return embeddings
 
     # ------------------------------------------------------------------ text
@@ -244,7 +266,7 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
                 warnings.warn(
                     f"The prompt {text[:60]!r}... is longer than the {budget}-token budget "
                     f"(77 - {self.num_query_tokens} subject tokens) and is truncated",
-                    stacklevel=3,
+                    stacklevel=caller_stacklevel(),
                 )
         return over
 
@@ -315,12 +337,19 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             if value % self.size_multiple:
                 raise ValueError(f"{name}={value} must be a multiple of {self.size_multiple} for this model")
 
-    def _check_common(self, height, width, num_inference_steps, guidance_scale, output_type):
+    def _check_steps(self, steps, argname="num_inference_steps", scheduler=None):
+        """1 <= steps <= the scheduler's num_train_timesteps (beyond it every timestep is 0)."""
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+            raise TypeError(f"{argname} must be an int, not {type(steps).__name__}")
+        if steps < 1:
+            raise ValueError(f"{argname}={steps} must be at least 1")
+        limit = int((scheduler or self.scheduler).config.num_train_timesteps)
+        if steps > limit:
+            raise ValueError(f"{argname}={steps} must be at most {limit} (the scheduler's num_train_timesteps)")
+
+    def _check_common(self, height, width, num_inference_steps, guidance_scale, output_type, scheduler=None):
         self._check_size(height, width)
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-            raise TypeError(f"num_inference_steps must be an int, not {type(num_inference_steps).__name__}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps} must be at least 1")
+        self._check_steps(num_inference_steps, "num_inference_steps", scheduler)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating, np.integer)):
             raise TypeError(f"guidance_scale must be a number, not {type(guidance_scale).__name__}")
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
@@ -332,10 +361,10 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         shape = (batch, self.unet.in_channels, height // self.latent_factor, width // self.latent_factor)
         if latents is None:
             if prng_seed is None:
-                raise ValueError("prng_seed: give a jax.random.PRNGKey (or pass latents)")
-            key = jnp.asarray(prng_seed)
-            key = key.reshape(-1, key.shape[-1])[0] if key.ndim > 1 else key  # per-device keys: use the first
-            return jax.random.normal(key, shape, dtype=self.dtype)
+                raise ValueError("prng_seed: give a jax.random.key (or pass latents)")
+            # Drawn in fp32 and cast, so that a seed gives the same picture in every dtype (as diffusers' Flax
+            # pipelines do).
+            return jax.random.normal(as_prng_key(prng_seed), shape, dtype=jnp.float32).astype(self.dtype)
         latents = jnp.asarray(latents)
         if latents.shape != shape:
             raise ValueError(f"latents has shape {tuple(latents.shape)}, expected {shape} (batch, channels, height/{self.latent_factor}, width/{self.latent_factor})")
@@ -387,6 +416,14 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         targets = _broadcast(_as_list(target_subject_category, "target_subject_category"), batch, "target_subject_category")
         neg_prompts = _broadcast(_as_list(neg_prompt if neg_prompt is not None else "", "neg_prompt"), batch, "neg_prompt")
         self._check_common(height, width, num_inference_steps, guidance_scale, output_type)
+        if isinstance(prompt_strength, bool) or not isinstance(prompt_strength, (int, float, np.integer, np.floating)):
+            raise TypeError(f"prompt_strength must be a number, not {type(prompt_strength).__name__}")
+        if not math.isfinite(prompt_strength) or prompt_strength < 0:
+            raise ValueError(f"prompt_strength={prompt_strength} must be a finite number >= 0")
+        if isinstance(prompt_reps, bool) or not isinstance(prompt_reps, (int, np.integer)):
+            raise TypeError(f"prompt_reps must be an int, not {type(prompt_reps).__name__}")
+        if prompt_reps < 0:
+            raise ValueError(f"prompt_reps={prompt_reps} must be >= 0")
         if jit and mesh is not None:
             raise ValueError("jit and mesh: choose one multi-device path")
         devices = jax.local_device_count() if jit else (mesh.devices.size if mesh is not None else 1)
@@ -395,10 +432,14 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         base_params = self._unreplicated(params) if jit else params
         extra_batch, extra_scalars = prepare_extra(batch) if prepare_extra is not None else ({}, {})
 
+        if prng_seed is not None:
+            prng_seed = as_prng_key(prng_seed)
         if subject_embeddings is None and reference_image is None:
             if self.subject_embeddings is None:
                 raise ValueError("reference_image: required (this model has no learned subject embeddings)")
-            subject_embeddings = self.subject_embeddings
+            subject_embeddings = self._given_embeddings(self.subject_embeddings, "the model's learned subject_embeddings")
+        elif subject_embeddings is not None:
+            subject_embeddings = self._given_embeddings(subject_embeddings)
         if subject_embeddings is None:
             source = _as_list(source_subject_category, "source_subject_category")
             images = list(reference_image) if isinstance(reference_image, (list, tuple)) else [reference_image]
@@ -424,7 +465,7 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             **extra_batch,
         }
         scalars = {"guidance_scale": jnp.asarray(guidance_scale, jnp.float32), **extra_scalars}
-        rng = jax.random.PRNGKey(0) if prng_seed is None else jnp.asarray(prng_seed).reshape(-1, 2)[0]
+        rng = jax.random.PRNGKey(0) if prng_seed is None else prng_seed
         images = self._execute(params, batch_arrays, scalars, rng, int(num_inference_steps), guidance_scale > 1.0, jit,
                                mesh, devices, bool(progress))
         return FlaxBlipDiffusionPipelineOutput(images=images if output_type == "np" else numpy_to_pil(images))

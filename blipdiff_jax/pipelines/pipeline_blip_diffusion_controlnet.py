@@ -14,7 +14,12 @@ import numpy as np
 from .. import components
 from ..image_processing import preprocess_conditioning
 from ..models.attention import resolve_implementation
+from .inputs import give, prompts
 from .pipeline_blip_diffusion import FlaxBlipDiffusionPipeline
+
+
+_NO_CONTROLNET_EDITING = ("{}: ControlNet-guided editing is not supported; load the model with "
+                          "FlaxBlipDiffusionPipeline.from_pretrained and call its {} (without the ControlNet)")
 
 
 class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
@@ -52,6 +57,15 @@ class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
         pipeline, params = super().from_converted(model, dtype=dtype, scheduler=scheduler, attention=attention)
         params["controlnet"] = components.cast_params(model.params["controlnet"], dtype)
         return pipeline, params
+
+    def edit(self, *args, **kwargs):
+        """Not supported: ControlNet-guided editing. Edit with `FlaxBlipDiffusionPipeline` (the same model
+        directory loads there; its ControlNet is not used)."""
+        raise NotImplementedError(_NO_CONTROLNET_EDITING.format("edit", "edit"))
+
+    def invert(self, *args, **kwargs):
+        """Not supported here (see `edit`); `FlaxBlipDiffusionPipeline.invert` inverts without a ControlNet."""
+        raise NotImplementedError(_NO_CONTROLNET_EDITING.format("invert", "invert"))
 
     def _unet_residuals(self, params, batch, scalars, context, do_cfg):
         control = batch["control_image"].astype(self.dtype)
@@ -106,7 +120,7 @@ class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
         def prepare_control(batch):
             maps = list(conditioning_image) if isinstance(conditioning_image, (list, tuple)) else [conditioning_image]
             if len(maps) not in (1, batch):
-                raise ValueError(f"conditioning_image has {len(maps)} images for {batch} prompts (give 1 or {batch})")
+                raise ValueError(f"conditioning_image has {len(maps)} images for {prompts(batch)} ({give(batch)})")
             control = preprocess_conditioning(maps, height, width)
             control = np.broadcast_to(control, (batch,) + control.shape[1:])
             return {"control_image": control}, {"control_scale": jnp.asarray(scale, jnp.float32)}
