@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -61,6 +61,19 @@ def _config_path(root: str, name: str) -> str:
     return os.path.join(root, name, "config.json")
 
 
+def _new_folder(prefix: str) -> str:
+    """A new folder `prefix` + a random suffix, made with the umask's permissions (mkdtemp's are 0700, which
+    would leave the renamed output unreadable to other users)."""
+    for _ in range(100):
+        path = prefix + secrets.token_hex(4)
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a new folder next to {prefix}")
+
+
 def save_converted(model: ConvertedModel, out: str, *, overwrite: bool = False) -> str:
     """Write `model` to `out`. The directory appears complete or not at all: everything is written to a
     sibling temporary directory that is renamed into place last. An existing `out` is never touched unless
@@ -72,7 +85,7 @@ def save_converted(model: ConvertedModel, out: str, *, overwrite: bool = False) 
         raise FileExistsError(f"output directory {out} already exists; choose a new path or pass overwrite=True")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=os.path.basename(out) + ".incomplete-", dir=parent)
+    staging = _new_folder(os.path.join(parent, os.path.basename(out) + ".incomplete-"))
     checkpointer = ocp.StandardCheckpointer()
     try:
         index = {"_class_name": FORMAT_NAME, "components": model.components, **model.pipeline_config}

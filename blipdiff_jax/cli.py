@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -56,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                          description="Generate the subject of --image doing what --prompt says; with --control-image, "
                                      "follow that image's structure through a ControlNet (stylization).")
     gen.add_argument("--model", required=True, help="converted directory, diffusers PyTorch directory, or Hub id")
-    gen.add_argument("--image", required=True, help="reference image file of the subject")
+    gen.add_argument("--image", default=None, help="reference image file of the subject (not needed with a fine-tuned "
+                     "--model: its learned subject is used)")
     gen.add_argument("--subject", required=True, help="category word of the subject in --image, e.g. dog")
     gen.add_argument("--target-subject", default=None, help="category to render (default: --subject)")
     gen.add_argument("--qformer-tokenizer", default=None, help="local BERT tokenizer folder (PyTorch directories only)")
@@ -136,28 +138,84 @@ def _load(model: str, qformer_tokenizer=None, pipeline_class=None, **kwargs):
     return pipeline_class.from_pretrained(model, from_pt=from_pt, qformer_tokenizer=qformer_tokenizer, **kwargs)
 
 
-def _metadata(args, index: int):
-    from PIL.PngImagePlugin import PngInfo
+def _check_outputs(args) -> None:
+    """Refuse output paths that cannot be written before any work is done."""
+    from PIL import Image
 
-    info = PngInfo()
+    out = args.out
+    if os.path.isdir(out):
+        raise ValueError(f"--out: {out} is a directory; give an image file name such as out.png")
+    Image.init()
+    extension = os.path.splitext(out)[1].lower()
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
+        raise ValueError(f"--out: {out!r} does not end in an image extension that can be written (.png, .jpg, .webp, ...)")
+    _check_folder(os.path.dirname(os.path.abspath(out)), "--out")
+    if args.output_dir:
+        _check_folder(os.path.abspath(args.output_dir), "--output-dir")
+
+
+def _check_folder(folder: str, flag: str) -> None:
+    """`folder` exists as a writable folder, or can be made: its nearest existing ancestor is a writable folder."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot write in {existing}")
+
+
+def _metadata_fields(args, settings: dict, index: int) -> dict:
     fields = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "image_index": index,
               "model": getattr(args, "model", "embedded tiny random-weight demo model"), "subject": args.subject,
-              "steps": args.steps, "guidance": args.guidance, "software": "blipdiff-jax"}
-    for key, value in fields.items():
-        info.add_text(key, str(value))
-    return info
+              "target_subject": args.target_subject or args.subject, "guidance": args.guidance}
+    fields.update(settings)
+    fields["software"] = "blipdiff-jax"
+    return {key: value for key, value in fields.items() if value is not None}
 
 
-def _save(images, args, grid_rows: int = 1) -> str:
+def _write_image(picture, path: str, fields: dict) -> None:
+    """PNG: the fields as text chunks; JPEG and WebP: as JSON in the EXIF ImageDescription; other formats hold
+    none, which is said."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    kind = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if kind == "PNG":
+        info = PngInfo()
+        for key, value in fields.items():
+            info.add_text(key, str(value))
+        picture.save(path, pnginfo=info)
+    elif kind in ("JPEG", "WEBP"):
+        exif = Image.Exif()
+        exif[0x010E] = json.dumps(fields)  # ImageDescription
+        picture.save(path, exif=exif)
+    else:
+        picture.save(path)
+        print(f"note: {path}: {kind} files hold no metadata here; the settings are not stored (use .png)")
+
+
+def _free_path(folder: str, stem: str, extension: str) -> str:
+    """folder/stem.ext, or stem-1.ext, stem-2.ext, ...: the first name not taken (never overwrite)."""
+    path, n = os.path.join(folder, stem + extension), 0
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(folder, f"{stem}-{n}{extension}")
+    return path
+
+
+def _save(images, args, settings: dict, grid_rows: int = 1) -> str:
+    """--out (a grid when there are several images) and, with --output-dir, every image as its own PNG (new
+    names when a file is already there). `settings`: what the run used, stored as metadata."""
     from .image_processing import image_grid
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     picture = images[0] if len(images) == 1 else image_grid(images, rows=grid_rows)
-    picture.save(args.out, pnginfo=_metadata(args, 0))
+    _write_image(picture, args.out, _metadata_fields(args, settings, 0))
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
         for i, image in enumerate(images):
-            image.save(os.path.join(args.output_dir, f"{args.seed}-{i:03d}.png"), pnginfo=_metadata(args, i))
+            _write_image(image, _free_path(args.output_dir, f"{args.seed}-{i:03d}", ".png"), _metadata_fields(args, settings, i))
     return args.out
 
 
@@ -167,9 +225,10 @@ def _generate(args, clock) -> str:
     from .pipelines import FlaxBlipDiffusionControlNetPipeline, FlaxBlipDiffusionPipeline
 
     started = time.perf_counter()
-    call_extra = {}
+    call_extra, settings = {}, {}
     if args.num_images < 1:
         raise ValueError(f"--num-images={args.num_images} must be at least 1")
+    _check_outputs(args)
     if args.command == "demo":
         from . import tiny
 
@@ -183,17 +242,30 @@ def _generate(args, clock) -> str:
             raise ValueError("--canny: needs --control-image")
         if args.controlnet is not None and args.control_image is None:
             raise ValueError("--controlnet: needs --control-image")
+        _check_model_has(args)
         if args.control_image is not None:
             from .image_processing import canny
 
             control = args.control_image if args.canny is None else canny(args.control_image, *args.canny)
-            pipeline, params = _load(args.model, args.qformer_tokenizer, FlaxBlipDiffusionControlNetPipeline,
-                                     controlnet=args.controlnet, attention=args.attention)
+            try:
+                pipeline, params = _load(args.model, args.qformer_tokenizer, FlaxBlipDiffusionControlNetPipeline,
+                                         controlnet=args.controlnet, attention=args.attention)
+            except ValueError as err:
+                if str(err).startswith("controlnet:"):
+                    raise ValueError(_NO_CONTROLNET) from None
+                raise
             call_extra = {"conditioning_image": control, "controlnet_conditioning_scale": args.controlnet_scale}
+            settings = {"control_image": args.control_image, "canny": args.canny, "controlnet": args.controlnet,
+                        "controlnet_scale": args.controlnet_scale}
         else:
             pipeline, params = _load(args.model, args.qformer_tokenizer, attention=args.attention)
+        if args.image is None and pipeline.subject_embeddings is None:
+            raise ValueError(_NO_IMAGE)
         image = args.image
         defaults = {"height": 512, "width": 512, "steps": 50}
+    size = {key: defaults[key] if getattr(args, key) is None else getattr(args, key) for key in ("height", "width")}
+    steps = defaults["steps"] if args.steps is None else args.steps
+    settings = {"image": image if isinstance(image, str) else None, **settings, "steps": steps, **size}
     loaded = time.perf_counter()
     compiled_before = clock.seconds
     out = pipeline(
@@ -204,15 +276,31 @@ def _generate(args, clock) -> str:
         params=params,
         prng_seed=jax.random.PRNGKey(args.seed),
         guidance_scale=args.guidance,
-        height=defaults["height"] if args.height is None else args.height,
-        width=defaults["width"] if args.width is None else args.width,
-        num_inference_steps=defaults["steps"] if args.steps is None else args.steps,
+        num_inference_steps=steps,
         neg_prompt=args.negative_prompt,
         progress=True,
+        **size,
         **call_extra,
     )
     _report(started, loaded, time.perf_counter(), clock.seconds - compiled_before)
-    return _save(out.images, args)
+    return _save(out.images, args, settings)
+
+
+_NO_CONTROLNET = ("--control-image: --model has no controlnet/ folder; add an SD 1.5 ControlNet with --controlnet PATH")
+_NO_IMAGE = "--image: required (--model holds no learned subject embeddings: only a fine-tuned model can go without it)"
+
+
+def _check_model_has(args) -> None:
+    """What a local --model lacks for this run, said before it is loaded."""
+    from .checkpoint import is_converted_directory
+
+    if not os.path.isdir(args.model):
+        return
+    if args.control_image is not None and args.controlnet is None and not os.path.isdir(os.path.join(args.model, "controlnet")):
+        raise ValueError(_NO_CONTROLNET)
+    learned = os.path.isfile(os.path.join(args.model, "subject_embeddings.npy"))
+    if args.image is None and not (is_converted_directory(args.model) and learned):
+        raise ValueError(_NO_IMAGE)
 
 
 def _report(started, loaded, done, compiling):
@@ -223,21 +311,47 @@ def _edit(args, clock) -> str:
     import jax
 
     started = time.perf_counter()
+    _check_outputs(args)
     pipeline, params = _load(args.model, args.qformer_tokenizer, attention=args.attention)
     steps = 50 if args.steps is None else args.steps
+    inversion_steps = steps if args.inversion_steps is None else args.inversion_steps
+    size = {"height": 512 if args.height is None else args.height, "width": 512 if args.width is None else args.width}
     loaded = time.perf_counter()
     compiled_before = clock.seconds
     out = pipeline.edit(
         args.prompt, args.reference, args.subject, args.target_subject or args.subject, args.original_subject,
         image=args.image, params=params, prng_seed=jax.random.PRNGKey(args.seed), guidance_scale=args.guidance,
-        num_inference_steps=steps, num_inversion_steps=steps if args.inversion_steps is None else args.inversion_steps,
+        num_inference_steps=steps, num_inversion_steps=inversion_steps,
         cross_replace_steps=args.cross_replace_steps, self_replace_steps=args.self_replace_steps,
-        lb_threshold=args.lb_threshold, neg_prompt=args.negative_prompt,
-        height=512 if args.height is None else args.height, width=512 if args.width is None else args.width,
+        lb_threshold=args.lb_threshold, neg_prompt=args.negative_prompt, **size,
     )
     _report(started, loaded, time.perf_counter(), clock.seconds - compiled_before)
     print("left: source, right: edit")
-    return _save(out.images, args)
+    settings = {"reference": args.reference, "original_subject": args.original_subject, "image": args.image,
+                "steps": steps, "inversion_steps": inversion_steps if args.image is not None else None, **size,
+                "cross_replace_steps": args.cross_replace_steps, "self_replace_steps": args.self_replace_steps,
+                "lb_threshold": args.lb_threshold}
+    return _save(out.images, args, settings)
+
+
+def _finetune_stopped(out: str) -> str:
+    """What Ctrl-C in finetune leaves: the last step logged in OUT/loss.jsonl and the latest checkpoint."""
+    step = 0
+    try:
+        with open(os.path.join(out, "loss.jsonl")) as log:
+            for line in log:
+                try:
+                    step = int(json.loads(line)["step"])
+                except (ValueError, KeyError, TypeError):
+                    pass  # a line cut short by the interrupt
+    except OSError:
+        pass
+    try:
+        saved = [int(name) for name in os.listdir(os.path.join(out, "checkpoints")) if name.isdigit()]
+    except OSError:
+        saved = []
+    where = f"latest checkpoint: step {max(saved)}" if saved else "no checkpoint yet, so it starts over"
+    return f"stopped at step {step}; resume with --resume ({where})"
 
 
 def main(argv=None) -> int:
@@ -250,10 +364,14 @@ def main(argv=None) -> int:
         if args.command == "finetune":
             from .training.cli import run_finetune
 
-            path = run_finetune(args)
+            try:
+                path = run_finetune(args)
+            except KeyboardInterrupt:
+                print(f"blipdiff-jax: {_finetune_stopped(args.out)}", file=sys.stderr)
+                return 130
         else:
             path = _edit(args, clock) if args.command == "edit" else _generate(args, clock)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         print(f"blipdiff-jax: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

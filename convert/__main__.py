@@ -4,12 +4,28 @@ self-contained Flax directory. Exit code 0 on success; otherwise non-zero with t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def _source_directory(src: str) -> str:
+    """SRC as a local directory: itself, or a Hub id's snapshot (through huggingface_hub's cache, as
+    `from_pretrained` takes them)."""
+    from blipdiff_jax.hub import _snapshot, is_hub_id
+
+    if not is_hub_id(src):
+        return src
+    snapshot = _snapshot(src)
+    if snapshot is None:
+        raise FileNotFoundError(f"{src} is no local directory, and as a Hub id it is not in the Hugging Face cache and "
+                                f"could not be downloaded (offline?); pass a local directory")
+    return snapshot
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
-    parser.add_argument("src", help="diffusers-layout PyTorch directory (model_index.json, qformer/, unet/, ...)")
+    parser.add_argument("src", help="diffusers-layout PyTorch directory (model_index.json, qformer/, unet/, ...), or a Hub "
+                        "id such as Salesforce/blipdiffusion (from the Hugging Face cache, else downloaded)")
     parser.add_argument("out", help="new directory for the converted Flax model (must not exist)")
     parser.add_argument("--qformer-tokenizer", metavar="PATH", help="local BERT tokenizer folder for the Q-Former")
     parser.add_argument("--controlnet", metavar="PATH", help="an SD 1.5 ControlNet directory to add")
@@ -23,8 +39,20 @@ def main(argv=None) -> int:
     from .pytorch_dir import read_pytorch_directory
 
     try:
+        out = os.path.abspath(args.out)
+        # The output is checked before anything is read.
+        if os.path.exists(out) and not args.overwrite:
+            raise FileExistsError(f"{args.out} already exists; choose a new path or pass --overwrite")
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise FileExistsError(f"{args.out} is a file, not a directory")
+        parent = os.path.dirname(out)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise FileExistsError(f"{args.out}: {parent} is a file, not a directory")
+        src = _source_directory(args.src)
         model = read_pytorch_directory(
-            args.src, qformer_tokenizer=args.qformer_tokenizer, controlnet=args.controlnet, lavis_weights=args.lavis, log=print,
+            src, qformer_tokenizer=args.qformer_tokenizer, controlnet=args.controlnet, lavis_weights=args.lavis, log=print,
             progress=True,
         )
         out = save_converted(model, args.out, overwrite=args.overwrite)

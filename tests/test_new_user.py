@@ -171,3 +171,216 @@ def test_the_controlnet_pipeline_refuses_to_edit_instead_of_ignoring_the_control
     args = {"edit": ("on a sofa", make_image(0), "dog", "dog", "cat"), "invert": (make_image(5), "a cat")}[method]
     with pytest.raises(NotImplementedError, match=rf"{method}: ControlNet-guided editing is not supported.*FlaxBlipDiffusionPipeline"):
         getattr(pipeline, method)(*args, params=params, height=16, width=16)
+
+
+# ------------------------------------------------------------------ 6: FloatingPointError in the CLI
+
+
+def test_cli_non_finite_values_are_one_line_and_exit_2(tmp_path, capsys):
+    code = main(["demo", "--guidance", "1e38", "--steps", "2", "--height", "16", "--width", "16", "--no-compile-cache",
+                 "--out", str(tmp_path / "out.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    err = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "denoising:" not in line]  # not the bar
+    assert len(err) == 1 and err[0].startswith("blipdiff-jax: error: non-finite latents after denoising step")
+    step = int(err[0].split("step ")[1].split(" of ")[0])
+    assert 1 <= step <= 2 and " of 2 " in err[0]
+
+
+# ------------------------------------------------------------------ 8: outputs checked before any work
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """The demo fails loudly if it starts building its model."""
+    from blipdiff_jax import tiny
+
+    def started(*args, **kwargs):
+        raise AssertionError("work started before the outputs were checked")
+
+    monkeypatch.setattr(tiny, "build_tiny_model", started)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("directory", r"--out: .* is a directory; give an image file name such as out.png"),
+    ("extension", r"--out: '.*out\.txt' does not end in an image extension"),
+    ("parent_file", r"--out: .*blocker is a file, not a folder"),
+    ("output_dir_file", r"--output-dir: .*blocker is a file, not a folder"),
+])
+def test_cli_output_paths_are_checked_before_any_work(tmp_path, capsys, no_work, case, message):
+    (tmp_path / "blocker").write_text("a file")
+    out = {"directory": tmp_path, "extension": tmp_path / "out.txt", "parent_file": tmp_path / "blocker" / "out.png"}
+    args = ["demo", "--out", str(out.get(case, tmp_path / "out.png"))]
+    if case == "output_dir_file":
+        args += ["--output-dir", str(tmp_path / "blocker" / "each")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    import re
+
+    assert re.search(message, err[0]), err[0]
+
+
+def test_convert_checks_the_target_before_reading_and_names_overwrite(torch_pipeline_dir, tmp_path, monkeypatch, capsys):
+    import convert.pytorch_dir
+    from convert.__main__ import main as convert_main
+
+    def read(*args, **kwargs):
+        raise AssertionError("read before the target was checked")
+
+    monkeypatch.setattr(convert.pytorch_dir, "read_pytorch_directory", read)
+    (tmp_path / "taken").mkdir()
+    assert convert_main([torch_pipeline_dir, str(tmp_path / "taken")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'taken'} already exists; choose a new path or pass --overwrite"
+    (tmp_path / "file").write_text("x")
+    assert convert_main([torch_pipeline_dir, str(tmp_path / "file" / "out")]) == 1
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ 10: the CLI names its own flags
+
+
+def test_cli_control_image_without_a_controlnet_names_the_flag(torch_pipeline_dir, tmp_path, capsys):
+    make_image(0).save(tmp_path / "ref.png")
+    code = main(["generate", "--model", torch_pipeline_dir, "--image", str(tmp_path / "ref.png"), "--subject", "dog",
+                 "--control-image", str(tmp_path / "ref.png"), "--out", str(tmp_path / "out.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == ("blipdiff-jax: error: --control-image: --model has no controlnet/ folder; add an SD 1.5 ControlNet "
+                   "with --controlnet PATH")
+
+
+# ------------------------------------------------------------------ 9: a fine-tuned subject from the CLI
+
+
+def test_generate_a_fine_tuned_subject_without_image(converted_model, flax_pipeline, tmp_path, capsys):
+    import dataclasses
+
+    pipeline, params = flax_pipeline
+    learned = np.asarray(pipeline.encode_subject(make_image(9), "dog", params)) * 1.5
+    model_dir = save_converted(dataclasses.replace(converted_model, subject_embeddings=learned), str(tmp_path / "tuned"))
+    out = tmp_path / "out.png"
+    assert main(["generate", "--model", model_dir, "--subject", "dog", "--prompt", "on the moon", "--steps", "2",
+                 "--height", "16", "--width", "16", "--seed", "5", "--out", str(out), "--no-compile-cache"]) == 0
+    expected = pipeline("on the moon", None, None, "dog", params=params, subject_embeddings=learned,
+                        prng_seed=jax.random.PRNGKey(5), height=16, width=16, num_inference_steps=2).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    # Without learned embeddings --image is still required, said before loading.
+    plain = save_converted(converted_model, str(tmp_path / "plain"))
+    capsys.readouterr()
+    assert main(["generate", "--model", plain, "--subject", "dog", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == ("blipdiff-jax: error: --image: required (--model holds no learned subject "
+                                               "embeddings: only a fine-tuned model can go without it)")
+
+
+# ------------------------------------------------------------------ 14: metadata; --output-dir never overwrites
+
+
+def test_metadata_holds_the_settings_used_and_output_dir_never_overwrites(tmp_path):
+    folder = tmp_path / "each"
+    run = ["demo", "--steps", "2", "--height", "16", "--width", "32", "--seed", "7", "--output-dir", str(folder),
+           "--subject", "dog", "--target-subject", "cat", "--no-compile-cache"]
+    assert main(run + ["--out", str(tmp_path / "first.png")]) == 0
+    text = Image.open(tmp_path / "first.png").text
+    assert {k: text[k] for k in ("steps", "height", "width", "subject", "target_subject", "seed")} == {
+        "steps": "2", "height": "16", "width": "32", "subject": "dog", "target_subject": "cat", "seed": "7"}
+    first = np.asarray(Image.open(folder / "7-000.png"))
+    # The same seed again, into the same folder, and --out as a JPEG: nothing overwritten, metadata in EXIF.
+    (folder / "7-000.png").touch()
+    os.utime(folder / "7-000.png", (0, 0))
+    assert main(run + ["--out", str(tmp_path / "second.jpg"), "--prompt", "on the moon"]) == 0
+    assert sorted(os.listdir(folder)) == ["7-000-1.png", "7-000.png"]
+    assert os.stat(folder / "7-000.png").st_mtime == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "7-000.png")), first)
+    assert Image.open(folder / "7-000-1.png").text["prompt"] == "on the moon"
+    exif = json.loads(Image.open(tmp_path / "second.jpg").getexif()[0x010E])
+    assert exif["prompt"] == "on the moon" and exif["steps"] == 2 and exif["width"] == 32
+
+
+def test_demo_default_steps_are_stored_not_none(tmp_path):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--height", "16", "--width", "16", "--out", str(out), "--no-compile-cache"]) == 0
+    assert Image.open(out).text["steps"] == "10"
+
+
+# ------------------------------------------------------------------ 12: Ctrl-C in finetune
+
+
+def test_ctrl_c_in_finetune_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """The interrupted trainer leaves its log and checkpoints in OUT (test_finetune.py proves the resume)."""
+    import blipdiff_jax.training.cli as training_cli
+
+    out = tmp_path / "out"
+
+    def interrupted(args):
+        os.makedirs(out / "checkpoints" / "2")
+        with open(out / "loss.jsonl", "w") as log:
+            for step in (1, 2, 3):
+                log.write(json.dumps({"step": step, "loss": 0.5}) + "\n")
+            log.write('{"step": 4, "lo')  # cut by the interrupt
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_cli, "run_finetune", interrupted)
+    try:
+        code = main(["finetune", "--model", str(tmp_path), "--images", str(tmp_path), "--subject", "dog", "--out", str(out)])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped the CLI")
+    assert code == 130
+    assert capsys.readouterr().err.strip() == ("blipdiff-jax: stopped at step 3; resume with --resume "
+                                               "(latest checkpoint: step 2)")
+
+
+# ------------------------------------------------------------------ 5: the converted directory's permissions
+
+
+def test_converted_directory_has_the_umask_permissions(converted_model, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        out = save_converted(converted_model, str(tmp_path / "model"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
+    for root, folders, files in os.walk(out):
+        for name in folders:
+            assert stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode) & 0o005 == 0o005, name
+        for name in files:
+            assert stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode) & 0o004, name
+
+
+# ------------------------------------------------------------------ 16: convert takes Hub ids
+
+
+def test_convert_takes_a_hub_id(torch_pipeline_dir, tmp_path, monkeypatch, capsys):
+    from blipdiff_jax import hub
+    from blipdiff_jax.checkpoint import load_converted
+    from convert.__main__ import main as convert_main
+
+    monkeypatch.setattr(hub, "_snapshot", lambda repo_id: torch_pipeline_dir if repo_id == "Salesforce/blipdiffusion" else None)
+    assert convert_main(["Salesforce/blipdiffusion", str(tmp_path / "flax")]) == 0
+    assert sorted(load_converted(str(tmp_path / "flax")).params) == ["qformer", "text_encoder", "unet", "vae"]
+    assert convert_main(["Salesforce/nothing-here", str(tmp_path / "other")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the first conversion's progress bar
+    assert err.startswith("error: Salesforce/nothing-here is no local directory, and as a Hub id it is not in the "
+                          "Hugging Face cache") and "\n" not in err
+
+
+# ------------------------------------------------------------------ 17: the license in pyproject.toml
+
+
+def test_pyproject_license_is_an_spdx_expression_setuptools_takes_without_warning():
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.getcwd()
+    os.chdir(root)  # the readme is read relative to the project
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dist = apply_configuration(Distribution(), os.path.join(root, "pyproject.toml"))
+    finally:
+        os.chdir(cwd)
+    assert dist.metadata.license_expression == "Apache-2.0"
+    assert not [w for w in caught if "license" in str(w.message)], [str(w.message)[:80] for w in caught]
