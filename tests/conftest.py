@@ -92,8 +92,9 @@ def torch_text_encoder(text_config: dict, seed: int = 1):
     return randomize_(ContextCLIPTextModel(CLIPTextConfig(**text_config)), seed, std=std).eval()
 
 
-def build_torch_pipeline(tokenizer_dirs, num_query_tokens=4, cross_attention_frequency=1, seed=0):
-    """A tiny diffusers `BlipDiffusionPipeline` with random weights."""
+def build_torch_pipeline(tokenizer_dirs, num_query_tokens=4, cross_attention_frequency=1, seed=0, unet_config=None,
+                         vae_config=None):
+    """A tiny diffusers `BlipDiffusionPipeline` with random weights (`unet_config`, `vae_config`: other tiny layouts)."""
     import torch
     from diffusers import AutoencoderKL, BlipDiffusionPipeline, PNDMScheduler, UNet2DConditionModel
     from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
@@ -102,8 +103,8 @@ def build_torch_pipeline(tokenizer_dirs, num_query_tokens=4, cross_attention_fre
     torch.manual_seed(seed)
     qformer = torch_qformer(tiny.qformer_config(num_query_tokens, cross_attention_frequency), tokenizer_dirs["bert"], seed)
     text_encoder = torch_text_encoder(tiny.text_encoder_config(), seed + 1)
-    unet = UNet2DConditionModel(**tiny.unet_config()).eval()
-    vae = AutoencoderKL(**tiny.vae_config()).eval()
+    unet = UNet2DConditionModel(**(unet_config or tiny.unet_config())).eval()
+    vae = AutoencoderKL(**(vae_config or tiny.vae_config())).eval()
     scheduler = PNDMScheduler(**{k: v for k, v in tiny.scheduler_config().items() if not k.startswith("_")})
     processor = BlipImageProcessor(**{k: v for k, v in tiny.image_processor_config().items() if k != "image_processor_type"})
     return BlipDiffusionPipeline(

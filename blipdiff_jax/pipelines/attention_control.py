@@ -89,6 +89,29 @@ def refinement_mapper(source_ids: list[int], target_ids: list[int], max_len: int
 PLACEHOLDER = -1  # token id of the subject-embedding positions (matches no real token)
 
 
+def lavis_word_positions(text: str, word: str, tokenizer, max_len: int = 77) -> list[int]:
+    """LAVIS's (prompt-to-prompt's) `get_word_inds`: the token positions (BOS = 0) of the words of `text`,
+    split on single spaces, that equal `word`; a word's tokens are found by adding up the lengths of the
+    decoded tokens. Positions past `max_len` are dropped (LAVIS would fail there)."""
+    split_text = text.split(" ")
+    places = [i for i, w in enumerate(split_text) if w == word]
+    out = []
+    if places:
+        ids = tokenizer(text).input_ids
+        words_encode = [tokenizer.decode([item]).strip("#") for item in ids][1:-1]
+        cur_len, ptr = 0, 0
+        for i in range(len(words_encode)):
+            if ptr >= len(split_text):  # decoded lengths ran past the text (LAVIS: IndexError)
+                break
+            cur_len += len(words_encode[i])
+            if ptr in places:
+                out.append(i + 1)
+            if cur_len >= len(split_text[ptr]):
+                ptr += 1
+                cur_len = 0
+    return [p for p in out if p < max_len]
+
+
 def replacement_mapper(source_ids: list[int], target_ids: list[int], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """AttentionReplace: position-wise word swap. The target, without its subject placeholders, must have as
     many tokens as the source. Returns a (max_len, max_len) source->target matrix and the target alphas

@@ -1,7 +1,9 @@
 """Subject-driven editing (LAVIS `generate_then_edit`, `edit`, `_ddim_inverse`) on the shared denoising core.
 
 Synthetic editing: a source branch "a {original_subject} {prompt}" and an edited branch
-"a <subject embeddings> {target_subject_category} {prompt}" start from the same noise; prompt-to-prompt
+"a <subject embeddings> sks ... sks {target_subject_category} {prompt}" (LAVIS's text: "sks" once per query
+token, the embeddings spliced after "a" on top; `placeholder_tokens=False` drops the "sks" words and aligns
+the token mapper on the spliced sequence) start from the same noise; prompt-to-prompt
 control (attention_control.py) keeps the edited image's layout, LocalBlend keeps everything outside the
 subject. Real-image editing: the image is VAE-encoded (posterior mean; LAVIS samples it unseeded, so its
 runs are not reproducible), DDIM-inverted with the source prompt at guidance 1, then edited with DDIM; the
@@ -28,6 +30,7 @@ from .attention_control import (
     PLACEHOLDER,
     EditStatic,
     collected_blend_map,
+    lavis_word_positions,
     local_blend,
     make_interceptor,
     refinement_mapper,
@@ -113,23 +116,53 @@ class EditingMixin:
                 found[start:start + len(tokens)] = 1.0
         return found
 
-    def _edit_tokens(self, prompt, original_subject, target_subject, controller="refine", equalizer=None):
-        """Token ids of both branches, the token mapper, LocalBlend's words and the reweighting equalizer."""
-        source = f"a {original_subject} {prompt.strip()}"
-        target = f"a {target_subject} {prompt.strip()}"
-        full = self.max_text_length
-        source_ids = self.tokenizer(source, truncation=True, max_length=full).input_ids
-        target_ids = self.tokenizer(target, truncation=True, max_length=full - self.num_query_tokens).input_ids
-        pos = self.ctx_begin_pos
-        # The edited branch's sequence as the text encoder sees it: subject embeddings spliced at ctx_begin_pos.
-        aligned = target_ids[:pos] + [PLACEHOLDER] * self.num_query_tokens + target_ids[pos:]
+    def _edit_tokens(self, prompt, original_subject, target_subject, controller="refine", equalizer=None,
+                     placeholder_tokens=True):
+        """Token ids of both branches, the token mapper, LocalBlend's words and the reweighting equalizer.
+
+        `placeholder_tokens=True` (default) is LAVIS's `_build_prompts_edit`: the edited branch reads
+        "a {"sks" x num_query_tokens} {target} {prompt}", tokenized with the query budget, and the subject
+        embeddings are spliced at ctx_begin_pos on top (so the encoder sees the embeddings, then the "sks"
+        tokens). The mapper, the equalizer's and LocalBlend's word positions come from the tokens of the two
+        prompts as written (LAVIS's ptp_utils), which hold the "sks" tokens but not the spliced embeddings.
+        `False`: the edited branch reads "a {target} {prompt}" with the embeddings spliced, and the mapper is
+        aligned on the sequence the encoder sees (placeholders at the embeddings' positions)."""
+        full, nq, pos = self.max_text_length, self.num_query_tokens, self.ctx_begin_pos
+        budget = full - nq
+        tokenize = lambda text, n: self.tokenizer(text, truncation=True, max_length=n).input_ids  # noqa: E731
+        if placeholder_tokens:
+            placeholder = " ".join(["sks"] * nq)
+            source = f"a {original_subject} {prompt}"
+            target = f"a {placeholder} {target_subject} {prompt}"
+            source_ids, target_ids = tokenize(source, full), tokenize(target, budget)
+            written = tokenize(target, full)  # LAVIS's mapper reads the edited prompt untruncated (<= 77)
+            lead = 1 + len(self.tokenizer("a", add_special_tokens=False).input_ids)
+            held = range(lead, min(lead + len(self.tokenizer(placeholder, add_special_tokens=False).input_ids), len(written)))
+            # AttentionReplace (no LAVIS counterpart here: ptp_utils refuses prompts of different word counts)
+            # pairs the source's tokens with the edited prompt's other tokens; the "sks" positions keep their maps.
+            for_replace = [PLACEHOLDER if j in held else t for j, t in enumerate(written)]
+
+            def words(text, ids, word, argname):
+                found = np.zeros(full, np.float32)
+                found[lavis_word_positions(text, word, self.tokenizer, full)] = 1.0
+                # A word LAVIS's whole-word rule cannot find (several words, glued to punctuation): its tokens.
+                return found if found.any() else self._word_positions(ids, word, argname)
+        else:
+            source = f"a {original_subject} {prompt.strip()}"
+            target = f"a {target_subject} {prompt.strip()}"
+            source_ids, target_ids = tokenize(source, full), tokenize(target, budget)
+            # The edited branch's sequence as the text encoder sees it: subject embeddings spliced at ctx_begin_pos.
+            written = for_replace = target_ids[:pos] + [PLACEHOLDER] * nq + target_ids[pos:]
+
+            def words(text, ids, word, argname):
+                return self._word_positions(ids, word, argname)
         if controller == "refine":
-            mapper, alphas = refinement_mapper(source_ids, aligned, full)
+            mapper, alphas = refinement_mapper(source_ids, written, full)
         elif controller == "replace":
-            mapper, alphas = replacement_mapper(source_ids, aligned, full)
+            mapper, alphas = replacement_mapper(source_ids, for_replace, full)
         else:
             raise ValueError(f"controller={controller!r} is not one of 'refine', 'replace'")
-        blend_words = self._word_positions(source_ids, original_subject, "original_subject")
+        blend_words = words(source, source_ids, original_subject, "original_subject")
         if not blend_words.any():
             raise ValueError(f"original_subject={original_subject!r} does not occur in the tokens of {source!r}")
         scales = None
@@ -138,14 +171,14 @@ class EditingMixin:
                 raise TypeError("equalizer must be a dict {word: scale} (AttentionReweight)")
             scales = np.ones(full, np.float32)
             for word, value in equalizer.items():
-                where = self._word_positions(aligned, word, "equalizer")
+                where = words(target, written, word, "equalizer")
                 if not where.any() or not np.isfinite(value):
                     raise ValueError(f"equalizer: {word!r} is not in the edited prompt {target!r} or its scale is not finite")
                 scales[where > 0] = float(value)
         pad = lambda ids, n: self.tokenizer.pad({"input_ids": [ids]}, padding="max_length", max_length=n)["input_ids"]  # noqa: E731
         return {
             "source": np.asarray(pad(source_ids, full), np.int32),
-            "target": np.asarray(pad(target_ids, full - self.num_query_tokens), np.int32),
+            "target": np.asarray(pad(target_ids, budget), np.int32),
             "mapper": mapper, "alphas": alphas, "blend_words": blend_words, "equalizer": scales,
         }
 
@@ -277,13 +310,19 @@ class EditingMixin:
         local_blend: bool = True,
         controller: str = "refine",
         equalizer: dict | None = None,
+        placeholder_tokens: bool = True,
     ):
         """Edit `original_subject` into the reference subject. `image=None`: synthetic editing (both branches
         generated from the same noise); `image` given: real-image editing (DDIM inversion, then DDIM).
         `out.images` holds the source (generated or reconstructed) image, then the edited one.
         `local_blend=False` turns LocalBlend off (the edited branch is not masked). `controller`: "refine"
         (AttentionRefine, default) or "replace" (AttentionReplace: a same-length word swap); `equalizer`
-        ({word: scale} in the edited prompt) adds AttentionReweight on top."""
+        ({word: scale} in the edited prompt) adds AttentionReweight on top.
+        `placeholder_tokens=True` (default) encodes the edited prompt as LAVIS does ("a" + "sks" x
+        num_query_tokens + target + prompt, with the subject embeddings spliced after "a" as well) and computes
+        the token mapper and word positions from the prompts as written, as LAVIS does; `False` encodes
+        "a {target} {prompt}" with the embeddings spliced and aligns the mapper on that sequence (see
+        `_edit_tokens`)."""
         from .pipeline_blip_diffusion import FlaxBlipDiffusionPipelineOutput
 
         if params is None:
@@ -306,7 +345,7 @@ class EditingMixin:
         pixels = prepare_real_image(image, height, width) if real_image else None
         if prng_seed is not None:
             prng_seed = as_prng_key(prng_seed)
-        edit_tokens = self._edit_tokens(prompt, original_subject, target, controller, equalizer)
+        edit_tokens = self._edit_tokens(prompt, original_subject, target, controller, equalizer, bool(placeholder_tokens))
         if subject_embeddings is None:
             if reference_image is None:
                 raise ValueError("reference_image: required (or pass subject_embeddings)")
