@@ -245,7 +245,7 @@ def _lavis(sd15, embeds, real_image, original=ORIGINAL, target=TARGET, prompt=LA
 
     torch_pipe, _, _, _, lavis = sd15
     samples = {"src_subject": original, "tgt_subject": target, "prompt": [prompt],
-               "query_embeds": torch.from_numpy(np.asarray(embeds))}
+               "query_embeds": torch.from_numpy(np.array(embeds))}
     common = dict(guidance_scale=7.5, height=LAVIS_SIZE, width=LAVIS_SIZE, num_inference_steps=LAVIS_STEPS)
     try:
         with torch.no_grad():
