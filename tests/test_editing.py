@@ -341,6 +341,12 @@ def test_synthetic_edit_is_lavis(sd15, options):
     else:
         assert np.abs(ours[1] - ours[0]).mean() > 1e-2  # the edited branch differs (and is compared whole)
     _assert_as_lavis(ours, ref, f"synthetic {options}")
+    if options.get("lb_threshold") == 0.0:  # the alignment option is not LAVIS's edit (the test can tell)
+        aligned = _ours(sd15, embeds, False, latents=latents, placeholder_tokens=False, **options)
+        np.testing.assert_allclose(aligned[0], ours[0], rtol=0, atol=1e-5)
+        apart = np.abs(np.round(aligned[1] * 255) - np.round(ref[1] * 255))
+        print(f"placeholder_tokens=False against LAVIS: {int(apart.max())} levels, {(apart > 10).mean():.1%} of values > 10")
+        assert apart.max() > 10
 
 
 @pytest.mark.slow
