@@ -7,6 +7,12 @@ silence_flax_deprecation()
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# The toy model pre-trained on the toy world (`blipdiff_jax.toyworld`), shipped with the package:
+# `FlaxBlipDiffusionPipeline.from_pretrained(TOY_MODEL)`. Made by `blipdiff-jax pretrain --toy`.
+TOY_MODEL = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "assets", "toy-model")
+
 
 def __getattr__(name):
     # Lazy, so `import blipdiff_jax` stays cheap and the CLI starts fast.
@@ -17,5 +23,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput", "FlaxBlipDiffusionControlNetPipeline", "__version__",
+__all__ = ["TOY_MODEL", "FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput", "FlaxBlipDiffusionControlNetPipeline", "__version__",
            "prefer_memory_on_cpu"]

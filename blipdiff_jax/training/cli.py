@@ -86,3 +86,106 @@ def run_finetune(args) -> str:
     out = SubjectFinetuner(model, config, names=FLAGS).train()
     print(f"fine-tuned model in {out}: FlaxBlipDiffusionPipeline.from_pretrained({out!r})")
     return out
+
+
+PRETRAIN_FLAGS = {field: "--" + field.replace("_", "-") for field in (
+    "out", "data", "backgrounds", "toy", "steps", "batch_size", "learning_rate", "warmup_steps", "schedule",
+    "weight_decay", "max_grad_norm", "ema_decay", "train", "caption_dropout", "subject_dropout", "prompt_reps",
+    "resolution", "compute_dtype", "remat", "devices", "checkpoint_every", "resume", "seed", "preview_every",
+    "preview_steps")}
+
+
+def add_pretrain_parser(subparsers):
+    p = subparsers.add_parser(
+        "pretrain", help="pre-train the subject representation (the paper's stage 2), or a toy model with --toy",
+        description="Stage-2 pre-training (prompted context generation): the Q-Former, projection, text encoder and "
+                    "UNet learn to redraw the subject of a reference image (the subject pasted on a random "
+                    "background) in the context its caption describes. --out becomes a model directory "
+                    "(FlaxBlipDiffusionPipeline.from_pretrained(OUT)) with checkpoints/, loss.jsonl and previews/. "
+                    "With --toy: the whole toy-world recipe (toy model, its VAE, then pre-training) in under 30 "
+                    "minutes on a CPU.")
+    p.add_argument("--model", default=None, help="model to start from: converted directory, PyTorch directory or Hub id (not with --toy)")
+    p.add_argument("--data", default=None, help="JSONL manifest, or folder with metadata.jsonl: file_name, category, caption[, mask]")
+    p.add_argument("--backgrounds", default=None, help="folder of background images for the references")
+    p.add_argument("--toy", action="store_true", help="train the toy model on the toy world (no --model/--data)")
+    p.add_argument("--out", required=True, help="output directory (new, or an earlier run's with --resume)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 10000; --toy: its recipe)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step over all devices (default: 16; --toy: 32)")
+    p.add_argument("--learning-rate", type=float, default=None, help="peak AdamW learning rate (default: 1e-4)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 500)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default=None, help="after warm-up (default: cosine to 10%%)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: 0.01)")
+    p.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping by global norm (default: 1.0)")
+    p.add_argument("--ema-decay", type=float, default=None, help="EMA of the weights, exported instead (default: 0, off)")
+    p.add_argument("--train", default=None, help="comma-separated groups to train among qformer,text_encoder,unet,vision "
+                   "(default: qformer,text_encoder,unet)")
+    p.add_argument("--caption-dropout", type=float, default=None, help="probability of the unconditional context (default: 0.1)")
+    p.add_argument("--subject-dropout", type=float, default=None, help="probability of zeroed subject embeddings (default: 0.1)")
+    p.add_argument("--prompt-reps", type=int, default=None, help="prompt repetitions, as generation's (default: 20)")
+    p.add_argument("--resolution", type=int, default=None, help="target image size in pixels (default: 512; --toy: 32)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32", help="(default: %(default)s)")
+    p.add_argument("--remat", action="store_true", help="recompute UNet block activations in the backward pass")
+    p.add_argument("--devices", type=int, default=None, help="data-parallel devices (default: as many as divide --batch-size)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="save a checkpoint every N steps (default: 1000; --toy: 200)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, noise and (--toy) the model (default: %(default)s)")
+    p.add_argument("--preview-every", type=int, default=0, help="write OUT/previews/step-XXXX.png every N steps")
+    p.add_argument("--preview-steps", type=int, default=None, help="denoising steps of a preview (default: 25)")
+    p.add_argument("--qformer-tokenizer", default=None, help="local BERT tokenizer folder (PyTorch directories only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run_pretrain(args) -> str:
+    """Pre-train as `args` says; returns OUT. Bad arguments raise ValueError/TypeError naming the flag."""
+    import jax.numpy as jnp
+
+    from .pretrain import PretrainConfig, SubjectPretrainer
+
+    given = {field: getattr(args, field) for field in (
+        "steps", "batch_size", "learning_rate", "warmup_steps", "schedule", "weight_decay", "max_grad_norm",
+        "ema_decay", "caption_dropout", "subject_dropout", "prompt_reps", "resolution", "checkpoint_every",
+        "preview_steps") if getattr(args, field) is not None}
+    if args.train is not None:
+        given["train"] = tuple(g.strip() for g in args.train.split(",") if g.strip())
+    common = dict(compute_dtype=getattr(jnp, args.compute_dtype), remat=args.remat, devices=args.devices,
+                  preview_every=args.preview_every)
+    if args.toy:
+        for flag, value in (("--model", args.model), ("--data", args.data), ("--backgrounds", args.backgrounds)):
+            if value is not None:
+                raise ValueError(f"{flag}: not with --toy (the toy recipe builds its model and data)")
+        if "resolution" in given:
+            raise ValueError("--resolution: the toy world is fixed at 32 pixels")
+        from .toy import pretrain_toy
+
+        out = pretrain_toy(args.out, seed=args.seed, resume=args.resume, progress=not args.quiet, names=PRETRAIN_FLAGS,
+                           checkpoint_every=given.pop("checkpoint_every", 200), **given, **common)
+    else:
+        if args.model is None:
+            raise ValueError("--model: required (or --toy)")
+        config = PretrainConfig(out=args.out, data=args.data, backgrounds=args.backgrounds, seed=args.seed,
+                                resume=args.resume, progress=not args.quiet,
+                                **{"checkpoint_every": 1000, **given}, **common)
+        config.validate(PRETRAIN_FLAGS)
+        model = _load_model(args.model, args.qformer_tokenizer)
+        out = SubjectPretrainer(model, config, names=PRETRAIN_FLAGS).train()
+    print(f"pre-trained model in {out}: FlaxBlipDiffusionPipeline.from_pretrained({out!r})")
+    return out
+
+
+def _load_model(path: str, qformer_tokenizer=None):
+    from ..checkpoint import is_converted_directory, load_converted
+    from ..hub import is_hub_id, resolve_hub_model
+
+    if not os.path.isdir(path) and not is_hub_id(path):
+        raise FileNotFoundError(f"--model: no directory {path!r} (and not a Hub id like Salesforce/blipdiffusion)")
+    try:
+        if is_hub_id(path):
+            return load_converted(resolve_hub_model(path, qformer_tokenizer=qformer_tokenizer))
+        if is_converted_directory(path):
+            return load_converted(path)
+        from convert.pytorch_dir import read_pytorch_directory
+
+        return read_pytorch_directory(path, qformer_tokenizer=qformer_tokenizer)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"--model: {err}") from err

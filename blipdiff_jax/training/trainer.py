@@ -41,7 +41,7 @@ from ..compilation import compiler_options
 from ..host_memory import trimmed_after_compiling
 from ..models.param_check import traced_with_fast_param_check
 from . import checkpoints, data
-from .config import RESUME_KEYS, FinetuneConfig
+from .config import FinetuneConfig
 from .export import write_converted_into
 from .loss import DiffusionLoss
 
@@ -102,7 +102,129 @@ def _choose_devices(requested: int | None, batch_size: int, name=str) -> int:
     return max(d for d in range(1, min(available, batch_size) + 1) if batch_size % d == 0)
 
 
-class SubjectFinetuner:
+class Trainer:
+    """The training loop every trainer shares: output folder, orbax checkpoints with exact resume, the loss
+    log, previews and export. A subclass supplies what differs (`_host_state`, `_frozen`, `_step_args`,
+    `export`, `preview`, `_description`) and a jitted `train_step(trainable, opt_state, frozen, *args, key)`."""
+
+    run_kind = "training"
+    keep_in_out: tuple = ()  # entries OUT may already hold when a new run starts (e.g. the toy base model)
+
+    def _name(self, field: str) -> str:
+        return self.names.get(field, field)
+
+    def _setup_devices(self, requested, batch_size) -> None:
+        self.num_devices = _choose_devices(requested, batch_size, self._name)
+        if self.num_devices > 1:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+            self.mesh = Mesh(np.array(jax.devices()[: self.num_devices]), ("data",))
+            self._shardings = (NamedSharding(self.mesh, PartitionSpec()), NamedSharding(self.mesh, PartitionSpec("data")))
+        else:
+            from jax.sharding import SingleDeviceSharding
+
+            self.mesh = None
+            self._shardings = (SingleDeviceSharding(jax.devices()[0]),) * 2
+
+    def _replicate(self, tree):
+        # Always committed to an explicit sharding: restored checkpoints are, and the compiled step must match.
+        return jax.device_put(tree, self._shardings[0])
+
+    def _shard_batch(self, array):
+        return jax.device_put(array, self._shardings[1])
+
+    # ------------------------------------------------------------------ output folder
+
+    def _path(self, *parts) -> str:
+        return os.path.join(self.out, *parts)
+
+    def _prepare_out(self) -> None:
+        settings = self.config.resume_settings()
+        config_file = self._path(CONFIG_FILE)
+        if self.config.resume:
+            if not os.path.isfile(config_file):
+                raise ValueError(f"{self._name('resume')}: {self.out} holds no {self.run_kind} run ({CONFIG_FILE} is missing)")
+            with open(config_file) as f:
+                stored = json.load(f)
+            for key in settings:
+                if stored.get(key) != settings[key]:
+                    raise ValueError(f"{self._name(key)}={settings[key]!r} differs from the run being resumed "
+                                     f"({stored.get(key)!r}); resume with the same settings")
+            return
+        if os.path.exists(self.out) and (not os.path.isdir(self.out) or set(os.listdir(self.out)) - set(self.keep_in_out)):
+            raise FileExistsError(f"{self._name('out')}: {self.out} already exists and is not empty; pass "
+                                  f"{self._name('resume')} to continue its run or choose a new directory")
+        os.makedirs(self.out, exist_ok=True)
+        with open(config_file, "w") as f:
+            json.dump(settings, f, indent=2, sort_keys=True)
+
+    def _check_before_training(self) -> None:
+        """Settings checks that need the model (called before anything is written)."""
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self, stop_after: int | None = None) -> str:
+        """Run to `config.steps` (or stop once `stop_after` steps are done, as an interruption would: no export).
+        Returns OUT."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        self._check_before_training()
+        self._prepare_out()
+        manager = checkpoints.manager(self._path(CHECKPOINTS))
+        rng = jax.random.PRNGKey(config.seed)
+        resuming = config.resume and manager.latest_step() is not None
+        if config.resume and not resuming:
+            raise ValueError(f"{self._name('resume')}: no checkpoint under {self._path(CHECKPOINTS)}")
+        host = self._host_state(resuming)
+        start = 0
+        if resuming:  # nothing is allocated on the devices for the state that the checkpoint replaces
+            start, host, opt_host, rng = checkpoints.restore_latest(manager, host, jax.eval_shape(self.optimizer.init, host), rng)
+            checkpoints.trim_loss_log(self._path(LOSS_LOG), start)
+            trainable, opt_state = self._replicate((host, opt_host))
+        else:
+            trainable = self._replicate(host)
+            opt_state = self._replicate(self.optimizer.init(trainable))
+        del host
+        frozen, rng = self._replicate((self._frozen(), rng))
+        end = config.steps if stop_after is None else min(config.steps, stop_after)
+        bar = tqdm(total=config.steps, initial=start, unit="step", disable=not config.progress, dynamic_ncols=True,
+                   desc=self._description())
+        try:
+            with open(self._path(LOSS_LOG), "a") as log:
+                args = self._step_args(start) if start < end else None
+                for step in range(start, end):
+                    trainable, opt_state, loss = self.train_step(trainable, opt_state, frozen, *args, step_key(rng, step))
+                    # The next batch is prepared on the host while the devices run this step.
+                    args = self._step_args(step + 1) if step + 1 < end else None
+                    loss = float(loss)
+                    done = step + 1
+                    log.write(json.dumps({"step": done, "loss": loss, "time": round(time.time(), 3)}) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.update(1)
+                    if not math.isfinite(loss):
+                        raise ValueError(f"{self._name('learning_rate')}: the loss became {loss} at step {done} "
+                                         f"(latest checkpoint: {manager.latest_step()}); try a lower learning rate")
+                    if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end:
+                        checkpoints.save(manager, done, trainable, opt_state, rng)
+                    if config.preview_every and done % config.preview_every == 0:
+                        self.preview(trainable, done)
+        finally:
+            bar.close()
+            manager.wait_until_finished()
+            manager.close()
+        self.trainable, self.opt_state = trainable, opt_state  # the final state, for inspection
+        if end == config.steps:
+            self.export(self._exported(trainable, opt_state))
+        return self.out
+
+    def _exported(self, trainable, opt_state):
+        """The weights to export (the trained ones; EMA weights where the optimizer keeps them)."""
+        return trainable
+
+
+class SubjectFinetuner(Trainer):
     """Fine-tunes `model` (a `ConvertedModel`) on the images of `config.images`. `pipeline`: an already built
     `FlaxBlipDiffusionPipeline` of the same model (saves compiling the Q-Former again)."""
 
@@ -128,21 +250,31 @@ class SubjectFinetuner:
         # LAVIS tokenizes the caption without padding and without prompt repetition at training time.
         self.input_ids = self.pipeline.tokenizer([data.caption(self.subject)], padding="do_not_pad", truncation=True,
                                                  max_length=budget, return_tensors="np").input_ids.astype(np.int32)
-        self.num_devices = _choose_devices(config.devices, config.batch_size, self._name)
-        self.mesh = None
-        if self.num_devices > 1:
-            from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-            self.mesh = Mesh(np.array(jax.devices()[: self.num_devices]), ("data",))
-            self._shardings = (NamedSharding(self.mesh, PartitionSpec()), NamedSharding(self.mesh, PartitionSpec("data")))
-        else:
-            from jax.sharding import SingleDeviceSharding
-
-            self._shardings = (SingleDeviceSharding(jax.devices()[0]),) * 2
+        self._setup_devices(config.devices, config.batch_size)
         self.targets = None  # loaded on first use
+        self._input_ids = None
 
-    def _name(self, field: str) -> str:
-        return self.names.get(field, field)
+    run_kind = "fine-tuning"
+
+    def _description(self) -> str:
+        return f"fine-tuning {self.subject!r} on {self.num_devices} device(s)"
+
+    def _check_before_training(self) -> None:
+        if self.config.preview_every and self.config.resolution % self.pipeline.size_multiple:
+            raise ValueError(f"{self._name('preview_every')}: previews need {self._name('resolution')} to be a "
+                             f"multiple of {self.pipeline.size_multiple}")
+
+    def _host_state(self, resuming: bool) -> dict:
+        emb_shape = (1, self.pipeline.num_query_tokens, self.pipeline.text_encoder.config.hidden_size)
+        return self.initial_trainable(np.zeros(emb_shape, np.float32) if resuming else None)
+
+    def _frozen(self) -> dict:
+        return self.frozen()
+
+    def _step_args(self, step: int) -> tuple:
+        if self._input_ids is None:
+            self._input_ids = self._replicate(self.input_ids)
+        return self._shard_batch(self.batch(step)), self._input_ids
 
     # ------------------------------------------------------------------ state
 
@@ -169,42 +301,10 @@ class SubjectFinetuner:
         names = ("vae",) if self.config.train_text_encoder else ("vae", "text_encoder")
         return {k: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), self.model.params[k]) for k in names}
 
-    def _replicate(self, tree):
-        # Always committed to an explicit sharding: restored checkpoints are, and the compiled step must match.
-        return jax.device_put(tree, self._shardings[0])
-
-    def _shard_batch(self, array):
-        return jax.device_put(array, self._shardings[1])
-
     def batch(self, step: int) -> np.ndarray:
         if self.targets is None:
             self.targets = data.load_targets(self.paths, self.config.resolution, self._name("images"))
         return self.targets[data.batch_indices(self.config.seed, step, self.config.batch_size, len(self.paths))]
-
-    # ------------------------------------------------------------------ output folder
-
-    def _path(self, *parts) -> str:
-        return os.path.join(self.out, *parts)
-
-    def _prepare_out(self) -> None:
-        settings = self.config.resume_settings()
-        config_file = self._path(CONFIG_FILE)
-        if self.config.resume:
-            if not os.path.isfile(config_file):
-                raise ValueError(f"{self._name('resume')}: {self.out} holds no fine-tuning run ({CONFIG_FILE} is missing)")
-            with open(config_file) as f:
-                stored = json.load(f)
-            for key in RESUME_KEYS:
-                if stored.get(key) != settings[key]:
-                    raise ValueError(f"{self._name(key)}={settings[key]!r} differs from the run being resumed "
-                                     f"({stored.get(key)!r}); resume with the same settings")
-            return
-        if os.path.exists(self.out) and (not os.path.isdir(self.out) or os.listdir(self.out)):
-            raise FileExistsError(f"{self._name('out')}: {self.out} already exists and is not empty; pass "
-                                  f"{self._name('resume')} to continue its run or choose a new directory")
-        os.makedirs(self.out, exist_ok=True)
-        with open(config_file, "w") as f:
-            json.dump(settings, f, indent=2, sort_keys=True)
 
     # ------------------------------------------------------------------ outputs
 
@@ -231,65 +331,6 @@ class SubjectFinetuner:
         path = self._path(PREVIEWS, f"step-{step:04d}.png")
         out.images[0].save(path)
         return path
-
-    # ------------------------------------------------------------------ loop
-
-    def train(self, stop_after: int | None = None) -> str:
-        """Run to `config.steps` (or stop once `stop_after` steps are done, as an interruption would: no export).
-        Returns OUT."""
-        from tqdm.auto import tqdm
-
-        config = self.config
-        if config.preview_every and config.resolution % self.pipeline.size_multiple:
-            raise ValueError(f"{self._name('preview_every')}: previews need {self._name('resolution')} to be a "
-                             f"multiple of {self.pipeline.size_multiple}")
-        self._prepare_out()
-        manager = checkpoints.manager(self._path(CHECKPOINTS))
-        rng = jax.random.PRNGKey(config.seed)
-        resuming = config.resume and manager.latest_step() is not None
-        if config.resume and not resuming:
-            raise ValueError(f"{self._name('resume')}: no checkpoint under {self._path(CHECKPOINTS)}")
-        emb_shape = (1, self.pipeline.num_query_tokens, self.pipeline.text_encoder.config.hidden_size)
-        host = self.initial_trainable(np.zeros(emb_shape, np.float32) if resuming else None)
-        start = 0
-        if resuming:  # nothing is allocated on the devices for the state that the checkpoint replaces
-            start, host, opt_host, rng = checkpoints.restore_latest(manager, host, jax.eval_shape(self.optimizer.init, host), rng)
-            checkpoints.trim_loss_log(self._path(LOSS_LOG), start)
-            trainable, opt_state = self._replicate((host, opt_host))
-        else:
-            trainable = self._replicate(host)
-            opt_state = self._replicate(self.optimizer.init(trainable))
-        del host
-        frozen, rng, input_ids = self._replicate((self.frozen(), rng, self.input_ids))
-        end = config.steps if stop_after is None else min(config.steps, stop_after)
-        bar = tqdm(total=config.steps, initial=start, unit="step", disable=not config.progress, dynamic_ncols=True,
-                   desc=f"fine-tuning {self.subject!r} on {self.num_devices} device(s)")
-        try:
-            with open(self._path(LOSS_LOG), "a") as log:
-                for step in range(start, end):
-                    pixels = self._shard_batch(self.batch(step))
-                    trainable, opt_state, loss = self.train_step(trainable, opt_state, frozen, pixels, input_ids, step_key(rng, step))
-                    loss = float(loss)
-                    done = step + 1
-                    log.write(json.dumps({"step": done, "loss": loss, "time": round(time.time(), 3)}) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                    bar.update(1)
-                    if not math.isfinite(loss):
-                        raise ValueError(f"{self._name('learning_rate')}: the loss became {loss} at step {done} "
-                                         f"(latest checkpoint: {manager.latest_step()}); try a lower learning rate")
-                    if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end:
-                        checkpoints.save(manager, done, trainable, opt_state, rng)
-                    if config.preview_every and done % config.preview_every == 0:
-                        self.preview(trainable, done)
-        finally:
-            bar.close()
-            manager.wait_until_finished()
-            manager.close()
-        self.trainable, self.opt_state = trainable, opt_state  # the final state, for inspection
-        if end == config.steps:
-            self.export(trainable)
-        return self.out
 
 
 def finetune(model: ConvertedModel, config: FinetuneConfig, pipeline=None) -> str:
