@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--cross-replace-steps", type=float, default=0.8, help="(default: %(default)s)")
     edit.add_argument("--self-replace-steps", type=float, default=0.4, help="(default: %(default)s)")
     edit.add_argument("--lb-threshold", type=float, default=0.3, help="LocalBlend mask threshold (default: %(default)s)")
+    edit.add_argument("--no-placeholder-tokens", dest="placeholder_tokens", action="store_false",
+                      help="edited prompt without LAVIS's \"sks\" words; token mapper aligned on the subject embeddings")
     edit.add_argument("--qformer-tokenizer", default=None, help="local BERT tokenizer folder (PyTorch directories only)")
 
     from .training.cli import add_finetune_parser
@@ -321,7 +323,7 @@ def _edit(args, clock) -> str:
     out = pipeline.edit(
         args.prompt, args.reference, args.subject, args.target_subject or args.subject, args.original_subject,
         image=args.image, params=params, prng_seed=jax.random.PRNGKey(args.seed), guidance_scale=args.guidance,
-        num_inference_steps=steps, num_inversion_steps=inversion_steps,
+        num_inference_steps=steps, num_inversion_steps=inversion_steps, placeholder_tokens=args.placeholder_tokens,
         cross_replace_steps=args.cross_replace_steps, self_replace_steps=args.self_replace_steps,
         lb_threshold=args.lb_threshold, neg_prompt=args.negative_prompt, **size,
     )
@@ -330,7 +332,7 @@ def _edit(args, clock) -> str:
     settings = {"reference": args.reference, "original_subject": args.original_subject, "image": args.image,
                 "steps": steps, "inversion_steps": inversion_steps if args.image is not None else None, **size,
                 "cross_replace_steps": args.cross_replace_steps, "self_replace_steps": args.self_replace_steps,
-                "lb_threshold": args.lb_threshold}
+                "lb_threshold": args.lb_threshold, "placeholder_tokens": args.placeholder_tokens}
     return _save(out.images, args, settings)
 
 

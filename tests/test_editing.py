@@ -386,8 +386,10 @@ def test_try_on_is_lavis(sd15):
 def test_cli_edit_is_lavis(sd15, tmp_path):
     from PIL import Image
 
-    from blipdiff_jax.cli import main
+    from blipdiff_jax.cli import _parser, main
 
+    assert _parser().parse_args(["edit", "--model", "m", "--reference", "r", "--subject", "s", "--original-subject", "o",
+                                 "--no-placeholder-tokens"]).placeholder_tokens is False
     photo, reference, out = tmp_path / "photo.png", tmp_path / "ref.png", tmp_path / "edit.png"
     _photo(7).save(photo)
     make_image(8).save(reference)
