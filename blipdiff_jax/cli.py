@@ -325,7 +325,7 @@ def _edit(args, clock) -> str:
         image=args.image, params=params, prng_seed=jax.random.PRNGKey(args.seed), guidance_scale=args.guidance,
         num_inference_steps=steps, num_inversion_steps=inversion_steps, placeholder_tokens=args.placeholder_tokens,
         cross_replace_steps=args.cross_replace_steps, self_replace_steps=args.self_replace_steps,
-        lb_threshold=args.lb_threshold, neg_prompt=args.negative_prompt, **size,
+        lb_threshold=args.lb_threshold, neg_prompt=args.negative_prompt, progress=True, **size,
     )
     _report(started, loaded, time.perf_counter(), clock.seconds - compiled_before)
     print("left: source, right: edit")

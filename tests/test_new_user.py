@@ -27,6 +27,20 @@ def _call(pipeline, params, **change):
     return pipeline(**args)
 
 
+@pytest.fixture(scope="module")
+def model_dir(converted_model, tmp_path_factory):
+    """The tiny model as a converted directory, for the CLI."""
+    return save_converted(converted_model, str(tmp_path_factory.mktemp("cli") / "model"))
+
+
+@pytest.fixture(scope="module")
+def generate(model_dir, tmp_path_factory):
+    """`blipdiff-jax generate` arguments on the tiny model with a reference picture, plus `extra`."""
+    reference = tmp_path_factory.mktemp("reference") / "ref.png"
+    make_image(20, (48, 40)).save(reference)
+    return lambda *extra: ["generate", "--model", model_dir, "--image", str(reference), "--subject", "dog", *extra]
+
+
 # ------------------------------------------------------------------ 4: steps above num_train_timesteps
 
 
@@ -176,9 +190,9 @@ def test_the_controlnet_pipeline_refuses_to_edit_instead_of_ignoring_the_control
 # ------------------------------------------------------------------ 6: FloatingPointError in the CLI
 
 
-def test_cli_non_finite_values_are_one_line_and_exit_2(tmp_path, capsys):
-    code = main(["demo", "--guidance", "1e38", "--steps", "2", "--height", "16", "--width", "16", "--no-compile-cache",
-                 "--out", str(tmp_path / "out.png")])
+def test_cli_non_finite_values_are_one_line_and_exit_2(generate, tmp_path, capsys):
+    code = main(generate("--guidance", "1e38", "--steps", "2", "--height", "16", "--width", "16", "--no-compile-cache",
+                         "--out", str(tmp_path / "out.png")))
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     err = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "denoising:" not in line]  # not the bar
@@ -192,13 +206,13 @@ def test_cli_non_finite_values_are_one_line_and_exit_2(tmp_path, capsys):
 
 @pytest.fixture
 def no_work(monkeypatch):
-    """The demo fails loudly if it starts building its model."""
-    from blipdiff_jax import tiny
+    """The CLI fails loudly if it starts loading its model."""
+    import blipdiff_jax.cli
 
     def started(*args, **kwargs):
         raise AssertionError("work started before the outputs were checked")
 
-    monkeypatch.setattr(tiny, "build_tiny_model", started)
+    monkeypatch.setattr(blipdiff_jax.cli, "_load", started)
 
 
 @pytest.mark.parametrize("case,message", [
@@ -207,10 +221,10 @@ def no_work(monkeypatch):
     ("parent_file", r"--out: .*blocker is a file, not a folder"),
     ("output_dir_file", r"--output-dir: .*blocker is a file, not a folder"),
 ])
-def test_cli_output_paths_are_checked_before_any_work(tmp_path, capsys, no_work, case, message):
+def test_cli_output_paths_are_checked_before_any_work(generate, tmp_path, capsys, no_work, case, message):
     (tmp_path / "blocker").write_text("a file")
     out = {"directory": tmp_path, "extension": tmp_path / "out.txt", "parent_file": tmp_path / "blocker" / "out.png"}
-    args = ["demo", "--out", str(out.get(case, tmp_path / "out.png"))]
+    args = generate("--out", str(out.get(case, tmp_path / "out.png")))
     if case == "output_dir_file":
         args += ["--output-dir", str(tmp_path / "blocker" / "each")]
     assert main(args) == 2
@@ -276,10 +290,10 @@ def test_generate_a_fine_tuned_subject_without_image(converted_model, flax_pipel
 # ------------------------------------------------------------------ 14: metadata; --output-dir never overwrites
 
 
-def test_metadata_holds_the_settings_used_and_output_dir_never_overwrites(tmp_path):
+def test_metadata_holds_the_settings_used_and_output_dir_never_overwrites(generate, tmp_path):
     folder = tmp_path / "each"
-    run = ["demo", "--steps", "2", "--height", "16", "--width", "32", "--seed", "7", "--output-dir", str(folder),
-           "--subject", "dog", "--target-subject", "cat", "--no-compile-cache"]
+    run = generate("--steps", "2", "--height", "16", "--width", "32", "--seed", "7", "--output-dir", str(folder),
+                   "--target-subject", "cat", "--no-compile-cache")
     assert main(run + ["--out", str(tmp_path / "first.png")]) == 0
     text = Image.open(tmp_path / "first.png").text
     assert {k: text[k] for k in ("steps", "height", "width", "subject", "target_subject", "seed")} == {
@@ -297,10 +311,10 @@ def test_metadata_holds_the_settings_used_and_output_dir_never_overwrites(tmp_pa
     assert exif["prompt"] == "on the moon" and exif["steps"] == 2 and exif["width"] == 32
 
 
-def test_demo_default_steps_are_stored_not_none(tmp_path):
-    out = tmp_path / "demo.png"
-    assert main(["demo", "--height", "16", "--width", "16", "--out", str(out), "--no-compile-cache"]) == 0
-    assert Image.open(out).text["steps"] == "10"
+def test_default_steps_are_stored_not_none(generate, tmp_path):
+    out = tmp_path / "out.png"
+    assert main(generate("--height", "16", "--width", "16", "--out", str(out), "--no-compile-cache")) == 0
+    assert Image.open(out).text["steps"] == "50"
 
 
 # ------------------------------------------------------------------ 12: Ctrl-C in finetune
@@ -384,3 +398,109 @@ def test_pyproject_license_is_an_spdx_expression_setuptools_takes_without_warnin
         os.chdir(cwd)
     assert dist.metadata.license_expression == "Apache-2.0"
     assert not [w for w in caught if "license" in str(w.message)], [str(w.message)[:80] for w in caught]
+
+
+# ------------------------------------------------------------------ 13: compiling is not the first step
+
+
+def test_the_progress_bar_clock_starts_when_the_program_runs(flax_pipeline, monkeypatch):
+    import time
+
+    import tqdm.auto
+
+    pipeline, params = flax_pipeline
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.created_at, self.reset_at = self._time(), None
+            bars.append(self)
+
+        def reset(self, total=None):
+            super().reset(total)
+            self.reset_at = self._time()
+
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            compiled.append(time.time())
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        _call(pipeline, params, height=16, width=24, num_inference_steps=3, progress=True)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    (bar,) = bars
+    assert compiled, "the generation program was compiled in this call"
+    assert bar.desc.startswith("denoising") and bar.n == 3
+    assert bar.reset_at is not None and bar.reset_at >= max(compiled) > bar.created_at
+
+
+def test_cli_edit_shows_progress_bars_without_changing_the_edit(flax_pipeline, converted_model, tmp_path, capsys):
+    pipeline, params = flax_pipeline
+    model_dir = save_converted(converted_model, str(tmp_path / "model"))
+    make_image(23, (50, 40)).save(tmp_path / "photo.png")
+    make_image(24).save(tmp_path / "ref.png")
+    out = tmp_path / "edit.png"
+    assert main(["edit", "--model", model_dir, "--image", str(tmp_path / "photo.png"), "--reference", str(tmp_path / "ref.png"),
+                 "--subject", "dog", "--original-subject", "cat", "--prompt", "on a sofa", "--out", str(out),
+                 "--steps", "2", "--inversion-steps", "3", "--height", "16", "--width", "16", "--no-compile-cache"]) == 0
+    err = capsys.readouterr().err
+    assert "inverting: 100%" in err and "3/3" in err and "editing: 100%" in err and "2/2" in err
+    expected = pipeline.edit("on a sofa", str(tmp_path / "ref.png"), "dog", "dog", "cat", image=str(tmp_path / "photo.png"),
+                             params=params, num_inference_steps=2, num_inversion_steps=3, height=16, width=16).images
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.hstack([np.asarray(im) for im in expected]))
+    text = Image.open(out).text
+    assert (text["original_subject"], text["steps"], text["inversion_steps"]) == ("cat", "2", "3")
+
+
+# ------------------------------------------------------------------ 2: the compile cache with the progress bar
+
+
+def test_a_second_cli_run_loads_the_generation_from_the_persistent_cache(generate, tmp_path):
+    """The CLI always shows the progress bar; the generation's programs still go into the persistent cache,
+    and a new process loads them from it (JAX logs each hit when compiles are logged)."""
+    import re
+    import subprocess
+    import sys
+
+    cache = tmp_path / "jax-cache"
+    env = dict(os.environ, JAX_LOG_COMPILES="1")
+
+    def run(name):
+        command = [sys.executable, "-m", "blipdiff_jax.cli", *generate("--steps", "2", "--height", "16", "--width", "16",
+                   "--compile-cache", str(cache), "--out", str(tmp_path / name))]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+
+    first = run("first.png")
+    assert "because it uses host callbacks" not in first
+    stored = {name.split("-")[0] for name in os.listdir(cache)}
+    assert "jit__generate_steps" in stored, stored
+    second = run("second.png")
+    hits = set(re.findall(r"Persistent compilation cache hit for '(jit__generate\w*)'", second))
+    assert hits == {name for name in stored if name.startswith("jit__generate")}
+    assert {name.split("-")[0] for name in os.listdir(cache) if name.startswith("jit__generate")} == {
+        name for name in stored if name.startswith("jit__generate")}  # nothing new was compiled for the generation
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "first.png")), np.asarray(Image.open(tmp_path / "second.png")))
+
+
+def test_edit_and_invert_with_progress_are_the_same_programs_split(flax_pipeline, capsys):
+    """With progress=True, edit and invert run as cacheable programs (start, one step per call, decoding): the
+    same numbers as the one-program run."""
+    pipeline, params = flax_pipeline
+    args = ("on a sofa", make_image(0), "dog", "dog", "cat")
+    common = dict(params=params, prng_seed=jax.random.PRNGKey(2), height=16, width=16, num_inference_steps=3, output_type="np")
+    plain = pipeline.edit(*args, **common).images
+    shown = pipeline.edit(*args, progress=True, **common).images
+    np.testing.assert_array_equal(shown, plain)
+    assert "editing: 100%" in capsys.readouterr().err  # PNDM: 4 timesteps for 3 steps
+    inverted = pipeline.invert(make_image(5), "a cat", params=params, num_inference_steps=3, height=16, width=16)
+    shown = pipeline.invert(make_image(5), "a cat", params=params, num_inference_steps=3, height=16, width=16, progress=True)
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(inverted))
+    err = capsys.readouterr().err
+    assert "inverting: 100%" in err and "3/3" in err

@@ -43,6 +43,8 @@ def denoise(
     after_step: Callable | None = None,
     aux=None,
     progress: Callable | None = None,
+    steps=None,
+    first_nonfinite_step=None,
 ):
     """Run the reverse diffusion from `latents` (B, C, h, w), already scaled by the init noise sigma.
 
@@ -55,9 +57,14 @@ def denoise(
     combine_guidance(uncond, cond, guidance_scale) -> noise, replacing plain classifier-free guidance.
     after_step(latents, aux, collections, step) -> (latents, aux): a latents hook (LocalBlend), with a carry.
     progress(step): a host function told of each finished step (`jax.debug.callback`, unordered, so the
-        loop is not serialised on it).
-    Returns `Denoised(latents, aux, first_nonfinite_step)`: the step at which the latents first held NaN or
-    inf (-1 when none did), so a broken model is reported instead of decoding to a black image.
+        loop is not serialised on it), and with step -1 that the program has started running. A program with
+        it cannot be stored in JAX's persistent cache: `steps` is the other way to show progress.
+    steps: (start, stop), traced or not: run only those steps, continuing from an earlier call's
+        `Denoised` (its latents, scheduler_state, aux and first_nonfinite_step passed back in), so that the
+        host can run the loop in chunks with one compiled program.
+    Returns `Denoised(latents, aux, first_nonfinite_step, scheduler_state)`: the step at which the latents
+    first held NaN or inf (-1 when none did), so a broken model is reported instead of decoding to a black
+    image.
     """
     stochastic = _accepts_key(scheduler)
     rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -94,15 +101,31 @@ def denoise(
         bad_step = jnp.where((bad_step < 0) & ~jnp.all(jnp.isfinite(latents)), step, bad_step)
         return latents, state, aux, bad_step
 
-    carry = (latents, scheduler_state, aux, jnp.array(-1, jnp.int32))
-    latents, _, aux, bad_step = lax.fori_loop(0, num_inference_steps, body, carry)
-    return Denoised(latents, aux, bad_step)
+    bad_step = jnp.array(-1, jnp.int32) if first_nonfinite_step is None else first_nonfinite_step
+    if progress is not None:
+        bad_step = started(progress, bad_step)  # before the first step: the loop's carry starts from it
+    carry = (latents, scheduler_state, aux, bad_step)
+    start, stop = (0, num_inference_steps) if steps is None else steps
+    latents, state, aux, bad_step = lax.fori_loop(start, stop, body, carry)
+    return Denoised(latents, aux, bad_step, state)
+
+
+def started(progress, value):
+    """`value` (an int32 scalar) passed through a host call that tells `progress(-1)`: the program has started
+    running (compiling is over). What consumes the result runs after that call."""
+
+    def tell(value):
+        progress(-1)
+        return np.asarray(value, np.int32)
+
+    return jax.pure_callback(tell, jax.ShapeDtypeStruct((), jnp.int32), value)
 
 
 class Denoised(NamedTuple):
     latents: jax.Array
     aux: object
     first_nonfinite_step: jax.Array
+    scheduler_state: object = None
 
 
 def check_finite(result: dict, num_steps: int) -> None:

@@ -183,18 +183,38 @@ class EditingMixin:
         }
 
     # ---------------------------------------------------------------- compiled programs
+    # Without a progress bar, edit and invert are one program each. With one, each runs as programs without host
+    # callbacks, which JAX's persistent cache stores: a start, one step (called once per step, all queued at once,
+    # the bar advancing as each finishes) and, for edit, decoding. The steps are the same either way.
 
     def _edit_program(self, params, scheduler_state, tokens, subject_embeds, latents, arrays, guidance_scale,
                       num_inference_steps, do_cfg, static, real_image):
         # bf16 on CPU: the text encoder's and the UNet's products on bf16 operands (models/bf16_matmul.py); the
         # decoder as in generation (see _generate_traced)
         with bf16_products():
-            out, latents = self._edit_traced(params, scheduler_state, tokens, subject_embeds, latents, arrays,
-                                             guidance_scale, num_inference_steps, do_cfg, static, real_image)
-        return {**out, "images": decode_latents(self.vae, params["vae"], latents)}
+            carry = self._edit_start_traced(params, scheduler_state, tokens, subject_embeds, latents, num_inference_steps,
+                                            do_cfg, real_image, static.control_pixels)
+            carry = self._edit_steps_traced(params, arrays, guidance_scale, carry, 0, carry["state"].timesteps.shape[0],
+                                            do_cfg, static, real_image)
+        return self._edit_finish_program(params, carry)
 
-    def _edit_traced(self, params, scheduler_state, tokens, subject_embeds, latents, arrays, guidance_scale,
-                     num_inference_steps, do_cfg, static, real_image):
+    def _edit_start_program(self, params, scheduler_state, tokens, subject_embeds, latents, num_inference_steps, do_cfg,
+                            real_image, control_pixels):
+        with bf16_products():
+            return self._edit_start_traced(params, scheduler_state, tokens, subject_embeds, latents, num_inference_steps,
+                                           do_cfg, real_image, control_pixels)
+
+    def _edit_steps_program(self, params, arrays, guidance_scale, carry, start, stop, do_cfg, static, real_image):
+        with bf16_products():
+            return self._edit_steps_traced(params, arrays, guidance_scale, carry, start, stop, do_cfg, static, real_image)
+
+    def _edit_finish_program(self, params, carry):
+        return {"context_finite": jnp.all(jnp.isfinite(carry["context"])),
+                "first_nonfinite_step": carry["first_nonfinite_step"],
+                "images": decode_latents(self.vae, params["vae"], carry["latents"])}
+
+    def _edit_start_traced(self, params, scheduler_state, tokens, subject_embeds, latents, num_inference_steps, do_cfg,
+                           real_image, control_pixels):
         scheduler = self._edit_ddim() if real_image else self.scheduler
         text = {"params": params["text_encoder"]}
         # (unconditional,) source and target prompts in one pass (models/context_clip.encode_contexts)
@@ -204,6 +224,14 @@ class EditingMixin:
             context = jnp.concatenate([context[:1], context])  # the unconditional context, for both branches
         state = scheduler.set_timesteps(scheduler_state, num_inference_steps=num_inference_steps, shape=latents.shape)
         latents = latents * state.init_noise_sigma
+        return {"context": context, "latents": latents, "state": state, "aux": jnp.zeros((control_pixels,), latents.dtype),
+                "first_nonfinite_step": jnp.array(-1, jnp.int32)}
+
+    def _edit_steps_traced(self, params, arrays, guidance_scale, carry, start, stop, do_cfg, static, real_image):
+        """Steps start..stop-1 of the edit loop, from `carry`. The loop runs every timestep the scheduler lists:
+        PNDM lists one more than asked (its last step is a no-op on the latents), and LAVIS's controller and
+        LocalBlend run at each of them."""
+        scheduler = self._edit_ddim() if real_image else self.scheduler
 
         def combine(uncond, cond, g):
             guided = uncond + g * (cond - uncond)
@@ -217,28 +245,41 @@ class EditingMixin:
             return local_blend(latents, blend_sum, static, arrays["lb_threshold"]), blend_sum
 
         result = denoise(
-            unet=self.unet, unet_params=params["unet"], scheduler=scheduler, scheduler_state=state,
-            latents=latents, context=context, guidance_scale=guidance_scale,
-            # Every timestep the scheduler lists: PNDM lists one more than asked (its last step is a no-op on
-            # the latents), and LAVIS's controller and LocalBlend run at each of them.
-            num_inference_steps=state.timesteps.shape[0], do_classifier_free_guidance=do_cfg,
+            unet=self.unet, unet_params=params["unet"], scheduler=scheduler, scheduler_state=carry["state"],
+            latents=carry["latents"], context=carry["context"], guidance_scale=guidance_scale,
+            num_inference_steps=carry["state"].timesteps.shape[0], do_classifier_free_guidance=do_cfg,
             attention_control=lambda step: make_interceptor(static, arrays, step, guided=do_cfg),
             attention=self._attention,
-            combine_guidance=combine, after_step=after_step, aux=jnp.zeros((static.control_pixels,), latents.dtype),
+            combine_guidance=combine, after_step=after_step, aux=carry["aux"],
+            steps=(start, stop), first_nonfinite_step=carry["first_nonfinite_step"],
         )
-        return {"context_finite": jnp.all(jnp.isfinite(context)), "first_nonfinite_step": result.first_nonfinite_step}, result.latents
+        return {**carry, "latents": result.latents, "state": result.scheduler_state, "aux": result.aux,
+                "first_nonfinite_step": result.first_nonfinite_step}
 
     def _invert_program(self, params, scheduler_state, image, ids, num_inference_steps):
         """VAE posterior mean of `image`, then DDIM inversion (LAVIS `_ddim_inverse`, guidance 1)."""
         with traced_once_per_block(), bf16_products():  # no attention control in the inversion (block_traces.py)
-            return self._invert_traced(params, scheduler_state, image, ids, num_inference_steps)
+            carry = self._invert_start_traced(params, scheduler_state, image, ids, num_inference_steps)
+            return self._invert_steps_traced(params, carry, 0, num_inference_steps, num_inference_steps)["latents"]
 
-    def _invert_traced(self, params, scheduler_state, image, ids, num_inference_steps):
-        scheduler = self._edit_ddim()
+    def _invert_start_program(self, params, scheduler_state, image, ids, num_inference_steps):
+        with traced_once_per_block(), bf16_products():
+            return self._invert_start_traced(params, scheduler_state, image, ids, num_inference_steps)
+
+    def _invert_steps_program(self, params, carry, start, stop, num_inference_steps):
+        with traced_once_per_block(), bf16_products():
+            return self._invert_steps_traced(params, carry, start, stop, num_inference_steps)
+
+    def _invert_start_traced(self, params, scheduler_state, image, ids, num_inference_steps):
         posterior = self.vae.apply({"params": params["vae"]}, image, method=self.vae.encode).latent_dist
         latents = posterior.mean.transpose(0, 3, 1, 2) * self.vae.config.scaling_factor
         context = self.text_encoder.apply({"params": params["text_encoder"]}, ids)[0]
-        state = scheduler.set_timesteps(scheduler_state, num_inference_steps=num_inference_steps, shape=latents.shape)
+        state = self._edit_ddim().set_timesteps(scheduler_state, num_inference_steps=num_inference_steps, shape=latents.shape)
+        return {"latents": latents, "context": context, "state": state}
+
+    def _invert_steps_traced(self, params, carry, start, stop, num_inference_steps):
+        scheduler = self._edit_ddim()
+        state, context = carry["state"], carry["context"]
         alphas = state.common.alphas_cumprod
         stride = scheduler.config.num_train_timesteps // num_inference_steps
         timesteps = state.timesteps[::-1]
@@ -253,36 +294,52 @@ class EditingMixin:
             # x_t from x_{t-1}: the DDIM update run backwards (noise to more noise).
             return a_to**0.5 * ((a_from**-0.5 - a_to**-0.5) * x + ((1 / a_to - 1) ** 0.5 - (1 / a_from - 1) ** 0.5) * eps) + x
 
-        return lax.fori_loop(0, num_inference_steps, body, latents)
+        return {**carry, "latents": lax.fori_loop(start, stop, body, carry["latents"])}
+
+    # Each program's function and static arguments, jitted on first use.
+    _PROGRAMS = {
+        "edit": ("_edit_program", ("num_inference_steps", "do_cfg", "static", "real_image")),
+        "edit_start": ("_edit_start_program", ("num_inference_steps", "do_cfg", "real_image", "control_pixels")),
+        "edit_steps": ("_edit_steps_program", ("do_cfg", "static", "real_image")),
+        "edit_finish": ("_edit_finish_program", ()),
+        "invert": ("_invert_program", ("num_inference_steps",)),
+        "invert_start": ("_invert_start_program", ("num_inference_steps",)),
+        "invert_steps": ("_invert_steps_program", ("num_inference_steps",)),
+    }
 
     def _jitted(self, name):
         cache = self.__dict__.setdefault("_edit_jits", {})
         if name not in cache:
-            options = compiler_options()  # CPU convolutions on Eigen (compilation.py)
-            if name == "edit":
-                jitted = jax.jit(traced_with_fast_param_check(self._edit_program), compiler_options=options,
-                                 static_argnames=("num_inference_steps", "do_cfg", "static", "real_image"))
-            else:
-                jitted = jax.jit(traced_with_fast_param_check(self._invert_program), compiler_options=options,
-                                 static_argnames=("num_inference_steps",))
+            function, static = self._PROGRAMS[name]
+            jitted = jax.jit(traced_with_fast_param_check(getattr(self, function)), static_argnames=static,
+                             compiler_options=compiler_options())  # CPU convolutions on Eigen (compilation.py)
             cache[name] = trimmed_after_compiling(jitted)
         return cache[name]
 
     # ---------------------------------------------------------------- public API
 
-    def invert(self, image, prompt, params=None, num_inference_steps: int = 50, height: int = 512, width: int = 512):
-        """DDIM-invert a real image with `prompt` (no subject embeddings, guidance 1): latents (1, 4, h, w)."""
+    def invert(self, image, prompt, params=None, num_inference_steps: int = 50, height: int = 512, width: int = 512,
+               progress: bool = False):
+        """DDIM-invert a real image with `prompt` (no subject embeddings, guidance 1): latents (1, 4, h, w).
+        `progress`: a progress bar over the inversion steps."""
         if params is None:
             raise ValueError("params: pass the params returned by from_pretrained")
         prompt = _single(prompt, "prompt")
         self._check_common(height, width, num_inference_steps, 1.0, "np", scheduler=self._edit_ddim())
-        return self._invert_pixels(prepare_real_image(image, height, width), prompt, params, num_inference_steps)
+        return self._invert_pixels(prepare_real_image(image, height, width), prompt, params, num_inference_steps, progress)
 
-    def _invert_pixels(self, pixels, prompt, params, num_inference_steps):
+    def _invert_pixels(self, pixels, prompt, params, num_inference_steps, progress=False):
         ids = self.tokenizer([prompt], padding="max_length", truncation=True, max_length=self.max_text_length,
                              return_tensors="np").input_ids.astype(np.int32)
         state = self._edit_ddim().create_state()
-        return self._jitted("invert")(params, state, jnp.asarray(pixels, self.dtype), ids, num_inference_steps=int(num_inference_steps))
+        n, pixels = int(num_inference_steps), jnp.asarray(pixels, self.dtype)
+        if not progress:
+            return self._jitted("invert")(params, state, pixels, ids, num_inference_steps=n)
+        with self._showing_progress(True, n, "inverting"):
+            carry = self._jitted("invert_start")(params, state, pixels, ids, num_inference_steps=n)
+            steps = self._jitted("invert_steps")
+            carry = self._queued_steps(lambda c, i, j: steps(params, c, i, j, num_inference_steps=n), carry, n)
+        return carry["latents"]
 
     def edit(
         self,
@@ -310,6 +367,7 @@ class EditingMixin:
         local_blend: bool = True,
         controller: str = "refine",
         equalizer: dict | None = None,
+        progress: bool = False,
         placeholder_tokens: bool = True,
     ):
         """Edit `original_subject` into the reference subject. `image=None`: synthetic editing (both branches
@@ -355,7 +413,7 @@ class EditingMixin:
         subject_embeddings = jnp.asarray(subject_embeddings, self.dtype)[:1]
 
         if real_image:
-            start = self._invert_pixels(pixels, f"a {original_subject} {prompt.strip()}", params, num_inversion_steps)
+            start = self._invert_pixels(pixels, f"a {original_subject} {prompt.strip()}", params, num_inversion_steps, progress)
         else:
             start = self._latents(latents, prng_seed, 1, height, width)
         start = jnp.broadcast_to(start, (2,) + start.shape[1:])
@@ -366,12 +424,22 @@ class EditingMixin:
                                  edit_tokens["blend_words"], float(lb_threshold), edit_tokens["equalizer"])
         static = EditStatic(control_pixels=self.control_pixels(height, width), use_local_blend=bool(local_blend), mode=controller)
         scheduler = self._edit_ddim() if real_image else self.scheduler
-        images = self._jitted("edit")(
-            params, scheduler.create_state(), tokens, subject_embeddings, start, arrays,
-            jnp.asarray(guidance_scale, jnp.float32), num_inference_steps=int(num_inference_steps),
-            do_cfg=guidance_scale > 1.0, static=static, real_image=real_image,
-        )
-        result = jax.device_get(images)
+        guidance, do_cfg, n = jnp.asarray(guidance_scale, jnp.float32), guidance_scale > 1.0, int(num_inference_steps)
+        if not progress:
+            result = self._jitted("edit")(params, scheduler.create_state(), tokens, subject_embeddings, start, arrays, guidance,
+                                          num_inference_steps=n, do_cfg=do_cfg, static=static, real_image=real_image)
+        else:
+            carry = self._jitted("edit_start")(params, scheduler.create_state(), tokens, subject_embeddings, start,
+                                               num_inference_steps=n, do_cfg=do_cfg, real_image=real_image,
+                                               control_pixels=static.control_pixels)
+            total = int(carry["state"].timesteps.shape[0])  # every timestep the scheduler lists (PNDM: one more)
+            steps, finish = self._jitted("edit_steps"), self._jitted("edit_finish")
+            with self._showing_progress(True, total, "editing"):
+                carry = self._queued_steps(lambda c, i, j: steps(params, arrays, guidance, c, i, j, do_cfg=do_cfg,
+                                                                 static=static, real_image=real_image),
+                                           carry, total, before_clock=lambda c: finish.lower(params, c).compile())
+            result = finish(params, carry)
+        result = jax.device_get(result)
         images = np.asarray(result["images"], dtype=np.float32)
         check_finite(result, int(num_inference_steps))
         return FlaxBlipDiffusionPipelineOutput(images=images if output_type == "np" else numpy_to_pil(images))

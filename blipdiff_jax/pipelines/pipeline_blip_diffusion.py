@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -131,6 +132,15 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         self._generate_pmap = trimmed_after_compiling(jax.pmap(
             _fast_check(self._generate), in_axes=(0, 0, None, None, None, None, None), static_broadcasted_argnums=(4, 5, 6)
         ))
+        # With a progress bar (one device or a mesh): the same generation as three programs without host
+        # callbacks, so that JAX's persistent cache stores them: encoding, a chunk of denoising steps (run once
+        # per step, the bar advancing in between), decoding.
+        self._generate_start_jit = trimmed_after_compiling(jax.jit(
+            _fast_check(self._generate_start), static_argnames=("num_inference_steps", "do_cfg"), compiler_options=options))
+        self._generate_steps_jit = trimmed_after_compiling(jax.jit(
+            _fast_check(self._generate_steps), static_argnames=("do_cfg",), compiler_options=options))
+        self._generate_finish_jit = trimmed_after_compiling(jax.jit(
+            _fast_check(self._generate_finish), compiler_options=options))
         self._progress_bar = None
 
     # ------------------------------------------------------------------ loading
@@ -273,10 +283,34 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
     # ------------------------------------------------------------------ the compiled program
 
     def _on_step(self, step):
-        """Host side of the progress bar (called from inside the compiled loop; pmap calls it per device)."""
+        """Host side of the progress bar (called from inside the compiled loop; pmap calls it per device).
+        Step -1: the program has started, so the time so far was compiling; the bar's clock starts again."""
         bar = self._progress_bar
-        if bar is not None and int(step) + 1 > bar.n:
-            bar.update(int(step) + 1 - bar.n)
+        if bar is None:
+            return
+        step = int(step)
+        if step < 0:
+            if bar.desc.startswith("compiling") and bar.n == 0:
+                bar.set_description(self._progress_desc, refresh=False)
+                bar.reset()
+        elif step + 1 > bar.n:
+            bar.update(step + 1 - bar.n)
+
+    @contextlib.contextmanager
+    def _showing_progress(self, enabled: bool, total: int, desc: str):
+        """A progress bar over `total` steps while the block runs: "compiling" until the program starts."""
+        if not enabled:
+            yield
+            return
+        from tqdm.auto import tqdm
+
+        self._progress_desc = desc
+        self._progress_bar = tqdm(total=total, desc=f"compiling, then {desc}", unit="step")
+        try:
+            yield
+        finally:
+            self._progress_bar.close()
+            self._progress_bar = None
 
     def _generate(self, params, batch, scalars, rng, num_inference_steps, do_cfg, progress=False):
         """The whole generation as one traced function.
@@ -298,14 +332,23 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
                 "first_nonfinite_step": result.first_nonfinite_step}
 
     def _encode_and_denoise(self, params, batch, scalars, rng, num_inference_steps, do_cfg, progress):
+        context, latents, state = self._prepare(params, batch, num_inference_steps, do_cfg)
+        result = self._denoise(params, batch, scalars, rng, context, latents, state, num_inference_steps, do_cfg,
+                               progress=self._on_step if progress else None)
+        return context, result
+
+    def _prepare(self, params, batch, num_inference_steps, do_cfg):
+        """The text contexts, the starting latents (scaled by the init noise sigma) and the scheduler state."""
         text_params = {"params": params["text_encoder"]}
         # (unconditional then) subject prompts, in one pass (see encode_contexts)
         context = encode_contexts(self.text_encoder, text_params, batch["uncond_ids"] if do_cfg else None,
                                   batch["prompt_ids"], batch["subject_embeds"], self.ctx_begin_pos)
         latents = batch["latents"]
         state = self.scheduler.set_timesteps(params["scheduler"], num_inference_steps=num_inference_steps, shape=latents.shape)
-        latents = latents * state.init_noise_sigma
-        result = denoise(
+        return context, latents * state.init_noise_sigma, state
+
+    def _denoise(self, params, batch, scalars, rng, context, latents, state, num_inference_steps, do_cfg, **kwargs):
+        return denoise(
             unet=self.unet,
             unet_params=params["unet"],
             scheduler=self.scheduler,
@@ -318,9 +361,55 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             rng=rng,
             unet_residuals=self._unet_residuals(params, batch, scalars, context, do_cfg),
             attention=self._attention,
-            progress=self._on_step if progress else None,
+            **kwargs,
         )
-        return context, result
+
+    # The generation in three programs (progress bar without host callbacks; see __init__).
+
+    def _generate_start(self, params, batch, num_inference_steps, do_cfg):
+        with traced_once_per_block(), bf16_products():
+            context, latents, state = self._prepare(params, batch, num_inference_steps, do_cfg)
+        return {"context": context, "latents": latents, "state": state, "first_nonfinite_step": jnp.array(-1, jnp.int32)}
+
+    def _generate_steps(self, params, batch, scalars, rng, carry, start, stop, do_cfg):
+        """Denoising steps start..stop-1 (traced: one program for every chunk) from `carry`."""
+        with traced_once_per_block(), bf16_products():
+            result = self._denoise(params, batch, scalars, rng, carry["context"], carry["latents"], carry["state"], stop,
+                                   do_cfg, steps=(start, stop), first_nonfinite_step=carry["first_nonfinite_step"])
+        return {**carry, "latents": result.latents, "state": result.scheduler_state,
+                "first_nonfinite_step": result.first_nonfinite_step}
+
+    def _generate_finish(self, params, carry):
+        with traced_once_per_block():
+            images = decode_latents(self.vae, params["vae"], carry["latents"])
+        return {"images": images, "context_finite": jnp.all(jnp.isfinite(carry["context"])),
+                "first_nonfinite_step": carry["first_nonfinite_step"]}
+
+    def _run_in_chunks(self, params, batch, scalars, rng, num_inference_steps, do_cfg):
+        """The generation with a progress bar: start, one step per call, decoding (see __init__)."""
+        carry = self._generate_start_jit(params, batch, num_inference_steps=num_inference_steps, do_cfg=do_cfg)
+        steps, finish = self._generate_steps_jit, self._generate_finish_jit
+        carry = self._queued_steps(lambda c, i, j: steps(params, batch, scalars, rng, c, i, j, do_cfg=do_cfg), carry,
+                                   num_inference_steps, before_clock=lambda c: finish.lower(params, c).compile())
+        return finish(params, carry)
+
+    def _queued_steps(self, run_step, carry, total, before_clock=None):
+        """`run_step(carry, start, stop)` once per step (a compiled program without host callbacks, which JAX's
+        persistent cache stores): every call is queued at once, so the device never waits for the host, and the
+        progress bar advances as each finishes. Its clock starts once the step program is compiled and
+        `before_clock(carry)` has run (another program compiled ahead). Returns the last carry."""
+        finished = []
+        for step in range(total):
+            carry = run_step(carry, np.int32(step), np.int32(step + 1))
+            if step == 0:
+                if before_clock is not None:
+                    before_clock(carry)
+                self._on_step(-1)
+            finished.append(carry["latents"])
+        for step, latents in enumerate(finished):
+            latents.block_until_ready()
+            self._on_step(step)
+        return carry
 
     def _unet_residuals(self, params, batch, scalars, context, do_cfg):
         """Extra UNet inputs per step; the zero-shot pipeline has none (ControlNet overrides this)."""
@@ -472,16 +561,8 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
 
     def _execute(self, params, batch, scalars, rng, num_inference_steps, do_cfg, jit, mesh, devices, progress=False):
         """Run the compiled program on one device, pmapped (`jit=True`) or sharded over a mesh."""
-        if progress:
-            from tqdm.auto import tqdm
-
-            self._progress_bar = tqdm(total=num_inference_steps, desc="denoising", unit="step")
-        try:
+        with self._showing_progress(progress, num_inference_steps, "denoising"):
             return self._run_program(params, batch, scalars, rng, num_inference_steps, do_cfg, jit, mesh, devices, progress)
-        finally:
-            if self._progress_bar is not None:
-                self._progress_bar.close()
-                self._progress_bar = None
 
     def _run_program(self, params, batch, scalars, rng, num_inference_steps, do_cfg, jit, mesh, devices, progress):
         size = batch["prompt_ids"].shape[0]
@@ -499,8 +580,11 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
                     batch, params = jax.device_get((batch, params))
                 batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])))
                 params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-            result = self._generate_jit(params, batch, scalars, rng, num_inference_steps=num_inference_steps,
-                                        do_cfg=do_cfg, progress=progress)
+            if progress:
+                result = self._run_in_chunks(params, batch, scalars, rng, num_inference_steps, do_cfg)
+            else:
+                result = self._generate_jit(params, batch, scalars, rng, num_inference_steps=num_inference_steps,
+                                            do_cfg=do_cfg)
             if mesh is not None and mesh.is_multi_process:
                 # Multi-host: the outputs span other processes' devices; every process gets the whole batch.
                 from jax.experimental.multihost_utils import process_allgather
