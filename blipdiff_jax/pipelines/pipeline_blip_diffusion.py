@@ -23,7 +23,7 @@ import numpy as np
 from .. import compilation, components
 from .._quiet import silence_flax_deprecation
 from ..checkpoint import ConvertedModel, is_converted_directory, load_converted
-from ..host_memory import trimmed_after_compiling
+from ..host_memory import releasing_after_compiles, trimmed_after_compiling
 from ..image_processing import numpy_to_pil, preprocess_reference
 from ..models.attention import attention_interceptor, resolve_implementation
 from ..models.bf16_matmul import bf16_products
@@ -403,7 +403,8 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             carry = run_step(carry, np.int32(step), np.int32(step + 1))
             if step == 0:
                 if before_clock is not None:
-                    before_clock(carry)
+                    with releasing_after_compiles():  # as the jitted calls' compiles (host_memory.py)
+                        before_clock(carry)
                 self._on_step(-1)
             finished.append(carry["latents"])
         for step, latents in enumerate(finished):
