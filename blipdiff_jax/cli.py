@@ -86,14 +86,19 @@ def _parser() -> argparse.ArgumentParser:
                       help="edited prompt without LAVIS's \"sks\" words; token mapper aligned on the subject embeddings")
     edit.add_argument("--qformer-tokenizer", default=None, help="local BERT tokenizer folder (PyTorch directories only)")
 
-    from .training.cli import add_finetune_parser
+    from .training.cli import add_finetune_parser, add_pretrain_parser
 
     add_finetune_parser(sub)
+    add_pretrain_parser(sub)
 
-    demo = sub.add_parser("demo", parents=[common, many], help="offline install check with the embedded tiny RANDOM-weight model",
-                          description="Generate with the embedded tiny model. Its weights are random: the PNG is noise, "
-                                      "which proves the install and the compiled pipeline work, not image quality.")
-    demo.add_argument("--image", default=None, help="reference image (default: a synthetic picture)")
+    demo = sub.add_parser("demo", parents=[common, many], help="subject transfer by the shipped toy model, offline",
+                          description="Draw the shipped toy model (blipdiff_jax.TOY_MODEL, pre-trained on the toy world) "
+                                      "carrying subjects it never saw in training from a reference picture onto three "
+                                      "backgrounds: one PNG, a row per subject. With --image: one generation from that "
+                                      "reference. With --tiny: the embedded tiny RANDOM-weight model instead (an install "
+                                      "check; its images are noise by design).")
+    demo.add_argument("--tiny", action="store_true", help="use the embedded tiny random-weight model (install check)")
+    demo.add_argument("--image", default=None, help="reference image (default: the toy transfer picture)")
     demo.add_argument("--subject", default="dog", help="category word of the subject (default: %(default)s)")
     demo.add_argument("--target-subject", default=None)
     return parser
@@ -231,7 +236,13 @@ def _generate(args, clock) -> str:
     if args.num_images < 1:
         raise ValueError(f"--num-images={args.num_images} must be at least 1")
     _check_outputs(args)
-    if args.command == "demo":
+    if args.command == "demo" and not args.tiny:
+        from . import TOY_MODEL
+
+        pipeline, params = _load(TOY_MODEL, attention=args.attention)
+        image = args.image
+        defaults = {"height": 32, "width": 32, "steps": 25}
+    elif args.command == "demo":
         from . import tiny
 
         print("blipdiff-jax demo: tiny model with RANDOM weights (checks the install; the image is noise by design)")
@@ -336,6 +347,23 @@ def _edit(args, clock) -> str:
     return _save(out.images, args, settings)
 
 
+def _toy_demo(args) -> str:
+    """The transfer picture of the shipped toy model (blipdiff_jax.demo)."""
+    from . import TOY_MODEL
+    from .demo import transfer_sheet
+
+    _check_outputs(args)
+    started = time.time()
+    pipeline, params = _load(TOY_MODEL, attention=args.attention)
+    print("blipdiff-jax demo: the shipped toy model draws held-out subjects from their reference (left) on three backgrounds")
+    sheet, settings = transfer_sheet(pipeline, params, seed=args.seed, steps=args.steps or 25, guidance=args.guidance,
+                                     progress=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    _write_image(sheet, args.out, settings)
+    print(f"done in {time.time() - started:.1f} s")
+    return args.out
+
+
 def _finetune_stopped(out: str) -> str:
     """What Ctrl-C in finetune leaves: the last step logged in OUT/loss.jsonl and the latest checkpoint."""
     step = 0
@@ -363,14 +391,16 @@ def main(argv=None) -> int:
         if cache:
             print(f"compilation cache: {cache}")
         clock = _CompileClock()
-        if args.command == "finetune":
-            from .training.cli import run_finetune
+        if args.command in ("finetune", "pretrain"):
+            from .training.cli import run_finetune, run_pretrain
 
             try:
-                path = run_finetune(args)
+                path = (run_finetune if args.command == "finetune" else run_pretrain)(args)
             except KeyboardInterrupt:
                 print(f"blipdiff-jax: {_finetune_stopped(args.out)}", file=sys.stderr)
                 return 130
+        elif args.command == "demo" and not args.tiny and args.image is None:
+            path = _toy_demo(args)
         else:
             path = _edit(args, clock) if args.command == "edit" else _generate(args, clock)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as err:

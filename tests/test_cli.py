@@ -1,4 +1,5 @@
-"""The `blipdiff-jax` CLI: the README's demo command and `generate` on a model directory."""
+"""The `blipdiff-jax` CLI: the README's demo command (the toy transfer picture; `--tiny`: the random-weight
+install check) and `generate` on a model directory."""
 
 import os
 
@@ -11,12 +12,33 @@ from blipdiff_jax.checkpoint import save_converted
 from blipdiff_jax.cli import main
 
 
-def test_demo_writes_a_png_offline(tmp_path, capsys):
+def test_tiny_demo_writes_a_png_offline(tmp_path, capsys):
     out = tmp_path / "demo.png"
-    assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
+    assert main(["demo", "--tiny", "--out", str(out), "--steps", "2"]) == 0
     image = Image.open(out)
     assert image.size == (64, 64) and image.mode == "RGB"
     assert "RANDOM weights" in capsys.readouterr().out
+
+
+def test_demo_draws_the_toy_transfer_picture(tmp_path):
+    """The README's first command: the shipped toy model, a row per held-out subject (reference, then three
+    backgrounds), each generation read back by the toy analyser."""
+    from blipdiff_jax import demo, toyworld
+
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out), "--guidance", "5"]) == 0
+    sheet = Image.open(out)
+    cell = toyworld.IMAGE_SIZE * demo.SCALE
+    rows, columns = len(demo.DEMO_SUBJECTS), 1 + len(demo.DEMO_BACKGROUNDS)
+    assert sheet.size == (columns * cell + (columns - 1) * 4, 14 + rows * (cell + 4))
+    assert "toy model" in sheet.text["model"] and sheet.text["steps"] == "25"
+    colours = []
+    for row, subject in enumerate(demo.DEMO_SUBJECTS):
+        for col in range(1, columns):
+            box = (col * (cell + 4), 14 + row * (cell + 4))
+            picture = sheet.crop(box + (box[0] + cell, box[1] + cell)).resize((32, 32), Image.NEAREST)
+            colours.append(toyworld.analyse(picture)["colour"] == subject[1])
+    assert sum(colours) >= 0.75 * len(colours), colours
 
 
 def test_generate_from_a_converted_directory(converted_model, tmp_path):
@@ -44,7 +66,7 @@ def test_generate_from_a_pytorch_directory_with_a_real_photo(torch_pipeline_dir,
     (["--image", "/no/such.png"], "reference_image"),
 ])
 def test_bad_arguments_exit_2_with_one_line(converted_model, tmp_path, capsys, extra, message):
-    args = ["demo", "--out", str(tmp_path / "x.png")] + extra
+    args = ["demo", "--tiny", "--out", str(tmp_path / "x.png")] + extra
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
@@ -92,7 +114,7 @@ def test_virtual_try_on_from_the_cli(torch_pipeline_dir, tmp_path):
 
 def test_several_images_grid_metadata_and_output_dir(tmp_path, capsys):
     out, folder = tmp_path / "grid.png", tmp_path / "each"
-    assert main(["demo", "--out", str(out), "--steps", "2", "--height", "16", "--width", "16", "--num-images", "3",
+    assert main(["demo", "--tiny", "--out", str(out), "--steps", "2", "--height", "16", "--width", "16", "--num-images", "3",
                  "--seed", "7", "--output-dir", str(folder), "--prompt", "on the moon"]) == 0
     grid = Image.open(out)
     assert grid.size == (48, 16)

@@ -53,7 +53,6 @@ def run_finetune(args) -> str:
     """Fine-tune as `args` says; returns OUT. Bad arguments raise ValueError/TypeError/FileNotFoundError naming the flag."""
     import jax.numpy as jnp
 
-    from ..checkpoint import is_converted_directory, load_converted
     from .data import list_images
     from .trainer import FinetuneConfig, SubjectFinetuner
 
@@ -68,21 +67,7 @@ def run_finetune(args) -> str:
     with warnings.catch_warnings():  # fail before loading the model; the trainer warns about skipped files
         warnings.simplefilter("ignore")
         list_images(args.images, "--images")
-    from ..hub import is_hub_id, resolve_hub_model
-
-    if not os.path.isdir(args.model) and not is_hub_id(args.model):
-        raise FileNotFoundError(f"--model: no directory {args.model!r} (and not a Hub id like Salesforce/blipdiffusion)")
-    try:
-        if is_hub_id(args.model):  # downloaded and converted once, as for generate
-            model = load_converted(resolve_hub_model(args.model, qformer_tokenizer=args.qformer_tokenizer))
-        elif is_converted_directory(args.model):
-            model = load_converted(args.model)
-        else:
-            from convert.pytorch_dir import read_pytorch_directory
-
-            model = read_pytorch_directory(args.model, qformer_tokenizer=args.qformer_tokenizer)
-    except (ValueError, FileNotFoundError) as err:
-        raise type(err)(f"--model: {err}") from err
+    model = _load_model(args.model, args.qformer_tokenizer)  # downloaded and converted once for a Hub id
     out = SubjectFinetuner(model, config, names=FLAGS).train()
     print(f"fine-tuned model in {out}: FlaxBlipDiffusionPipeline.from_pretrained({out!r})")
     return out

@@ -17,6 +17,16 @@ RESUME_KEYS = ("images", "subject", "resolution", "batch_size", "learning_rate",
                "train_text_encoder", "seed")
 
 
+def check_ints(config, minimum: dict, name) -> None:
+    """Each field of `minimum` is an int (not a bool) at least its value; errors name the field via `name`."""
+    for field, low in minimum.items():
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name(field)} must be an int, not {type(value).__name__}")
+        if value < low:
+            raise ValueError(f"{name(field)}={value} must be at least {low}")
+
+
 @dataclasses.dataclass
 class FinetuneConfig:
     images: str
@@ -45,14 +55,8 @@ class FinetuneConfig:
         for field in ("images", "subject", "out", "preview_prompt"):
             if not isinstance(getattr(self, field), (str, os.PathLike)):
                 raise TypeError(f"{name(field)} must be a string, not {type(getattr(self, field)).__name__}")
-        minimum = {"steps": 1, "batch_size": 1, "resolution": 8, "checkpoint_every": 0, "preview_every": 0,
-                   "preview_steps": 1, "seed": 0}
-        for field, low in minimum.items():
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name(field)} must be an int, not {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"{name(field)}={value} must be at least {low}")
+        check_ints(self, {"steps": 1, "batch_size": 1, "resolution": 8, "checkpoint_every": 0, "preview_every": 0,
+                          "preview_steps": 1, "seed": 0}, name)
         if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1):
             raise ValueError(f"{name('devices')}={self.devices!r} must be a positive int or None")
         for field, positive in (("learning_rate", True), ("weight_decay", False)):

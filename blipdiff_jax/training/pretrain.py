@@ -38,6 +38,7 @@ from ..compilation import compiler_options
 from ..host_memory import trimmed_after_compiling
 from ..models.context_clip import encode_contexts
 from ..models.param_check import traced_with_fast_param_check
+from .config import check_ints
 from .export import write_converted_into
 from .loss import DiffusionLoss
 from .pretrain_data import FolderSource, PretrainBatches, ToyWorldSource
@@ -85,14 +86,8 @@ class PretrainConfig:
             raise ValueError(f"give either {name('data')} (with {name('backgrounds')}) or {name('toy')}")
         if self.data is not None and self.backgrounds is None:
             raise ValueError(f"{name('backgrounds')}: a folder of background images is required with {name('data')}")
-        minimum = {"steps": 1, "batch_size": 1, "warmup_steps": 0, "prompt_reps": 1, "resolution": 8,
-                   "checkpoint_every": 0, "seed": 0, "preview_every": 0, "preview_steps": 1}
-        for field, low in minimum.items():
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name(field)} must be an int, not {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"{name(field)}={value} must be at least {low}")
+        check_ints(self, {"steps": 1, "batch_size": 1, "warmup_steps": 0, "prompt_reps": 1, "resolution": 8,
+                          "checkpoint_every": 0, "seed": 0, "preview_every": 0, "preview_steps": 1}, name)
         ranges = {"learning_rate": (0, math.inf, False), "weight_decay": (0, math.inf, True),
                   "max_grad_norm": (0, math.inf, False), "ema_decay": (0, 1, True),
                   "caption_dropout": (0, 1, True), "subject_dropout": (0, 1, True)}

@@ -1,6 +1,6 @@
 """The toy BLIP-Diffusion: the real architecture at toy widths, for the toy world (`blipdiff_jax.toyworld`).
 
-    32x32 images; VAE with 3 levels (8x8x4 latents); UNet [32, 64, 64] with cross-attention at every level;
+    32x32 images; VAE [16, 32, 64] (8x8x4 latents); UNet [32, 64, 64] with cross-attention at every level;
     CLIP text encoder and Q-Former 64 wide, 2 layers; 4 query tokens; frozen random ViT (patch 4).
 
 The tokenizers know the toy world's words as whole tokens (CLIP BPE merges written for them), so "gray" is
@@ -92,7 +92,7 @@ def configs(bert_dir: str, clip_dir: str) -> dict:
                  "block_out_channels": [32, 64, 64], "attention_head_dim": 4, "cross_attention_dim": HIDDEN,
                  "down_block_types": ["CrossAttnDownBlock2D"] * 3, "up_block_types": ["CrossAttnUpBlock2D"] * 3},
         "vae": {"sample_size": size, "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
-                "block_out_channels": [32, 64, 64], "down_block_types": ["DownEncoderBlock2D"] * 3,
+                "block_out_channels": [16, 32, 64], "norm_num_groups": 16, "down_block_types": ["DownEncoderBlock2D"] * 3,
                 "up_block_types": ["UpDecoderBlock2D"] * 3, "scaling_factor": 1.0},
         "scheduler": tiny.scheduler_config(),
         "image_processor": tiny.image_processor_config(size),
@@ -148,7 +148,7 @@ def train_toy_vae(model, steps: int = 1500, batch: int = 32, learning_rate: floa
 
     vae = components.build_model("vae", model.configs["vae"])
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, 100, steps, learning_rate * 0.05),
+                            optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 4), max(steps, 2), learning_rate * 0.05),
                                         weight_decay=0.0))
 
     def loss_fn(params, pixels, key):
@@ -190,8 +190,8 @@ def train_toy_vae(model, steps: int = 1500, batch: int = 32, learning_rate: floa
 BASE_DIR = "toy-base"  # inside OUT: the toy model with its trained VAE, before pre-training
 INFO_FILE = "toy_training.json"
 # Sized to train on a 2-core CPU in under 30 minutes (VAE, then pre-training).
-RECIPE = {"vae_steps": 600, "steps": 2400, "batch_size": 32, "learning_rate": 5e-4, "warmup_steps": 100,
-          "schedule": "cosine", "ema_decay": 0.0, "caption_dropout": 0.1, "subject_dropout": 0.1}
+RECIPE = {"vae_steps": 600, "steps": 2800, "batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 100,
+          "schedule": "cosine", "ema_decay": 0.995, "caption_dropout": 0.1, "subject_dropout": 0.1}
 
 
 def pretrain_toy(out: str, seed: int = 0, resume: bool = False, progress: bool = True, names: dict | None = None,
@@ -241,3 +241,18 @@ def pretrain_toy(out: str, seed: int = 0, resume: bool = False, progress: bool =
     with open(info_path, "w") as f:
         json.dump(info, f, indent=1)
     return out
+
+
+def ship(trained: str, destination: str, dtype=np.float16) -> str:
+    """Copy the model of a toy run (`trained`: OUT of `pretrain --toy`) to `destination` with its weights
+    stored in `dtype` (float16 halves the package's share; loading casts back to the pipeline's dtype)."""
+    import dataclasses
+
+    import jax
+
+    from ..checkpoint import load_converted, save_converted
+
+    model = load_converted(trained)
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype) if np.issubdtype(np.asarray(x).dtype, np.floating)
+                                    else np.asarray(x), model.params)
+    return save_converted(dataclasses.replace(model, params=params), destination, overwrite=True)
