@@ -129,7 +129,8 @@ def _setup_compile_cache(args):
     path = getattr(args, "compile_cache", None) or os.path.join(cache_root(), "jax-cache")
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own setting wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return path
 
 
