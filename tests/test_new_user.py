@@ -505,3 +505,26 @@ def test_edit_and_invert_with_progress_are_the_same_programs_split(flax_pipeline
     np.testing.assert_array_equal(np.asarray(shown), np.asarray(inverted))
     err = capsys.readouterr().err
     assert "inverting: 100%" in err and "3/3" in err
+
+
+def test_finetune_skips_a_cut_off_jpeg_like_a_non_image_before_training(tmp_path):
+    """Item 10: a truncated JPEG was found only mid-run (named reference_image); now it is skipped with a
+    warning when the folder is listed, as a non-image file is."""
+    import io
+    import warnings
+
+    from blipdiff_jax.training.data import list_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="JPEG")
+    (folder / "good.jpg").write_bytes(buffer.getvalue())
+    (folder / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (folder / "notes.txt").write_text("not an image")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = list_images(str(folder), "--images")
+    assert [os.path.basename(p) for p in paths] == ["good.jpg"]
+    skipped = sorted(str(w.message).split("'")[1].rsplit("/", 1)[-1] for w in caught if "skipping" in str(w.message))
+    assert skipped == ["cut.jpg", "notes.txt"]

@@ -17,8 +17,9 @@ from ..image_processing import load_image
 
 
 def list_images(directory: str, argname: str = "images") -> list[str]:
-    """Sorted paths of the image files in `directory` (not recursive). Any other file is skipped with a
-    warning; a folder with no image is a ValueError naming `argname`."""
+    """Sorted paths of the image files in `directory` (not recursive), each decoded once here, so a broken
+    file is found before training starts. Any other file, and any image that does not decode whole (a cut-off
+    JPEG), is skipped with a warning; a folder with no image is a ValueError naming `argname`."""
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"{argname} must be a directory path, not {type(directory).__name__}")
     directory = os.fspath(directory)
@@ -32,8 +33,10 @@ def list_images(directory: str, argname: str = "images") -> list[str]:
         try:
             with Image.open(path) as image:
                 image.verify()
+            with Image.open(path) as image:  # verify() does not decode: a cut-off JPEG passes it
+                image.load()
         except Exception as err:  # PIL raises many types for non-images and broken files
-            warnings.warn(f"{argname}: skipping {path!r}, not a readable image ({type(err).__name__})", stacklevel=2)
+            warnings.warn(f"{argname}: skipping {path!r}, not a readable image ({type(err).__name__}: {err})", stacklevel=2)
             continue
         paths.append(os.path.abspath(path))
     if not paths:
