@@ -15,6 +15,9 @@ import tempfile
 import time
 
 
+TOY_GUIDANCE = 5.0  # the shipped toy model's guidance (benchmarks/results-toy.md)
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line and exit status 2, like every other CLI error here."""
 
@@ -35,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     look.add_argument("--prompt", default="on the beach", help="what the subject does or where it is (default: %(default)r)")
     look.add_argument("--negative-prompt", default="", help="what to steer away from")
     look.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; demo: 10)")
-    look.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    look.add_argument("--guidance", type=float, default=None,
+                      help="classifier-free guidance scale (default: 7.5; toy model demo: %s)" % TOY_GUIDANCE)
     look.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     look.add_argument("--height", type=int, default=None, help="image height in pixels (default: 512; demo: 64)")
     look.add_argument("--width", type=int, default=None, help="image width in pixels (default: 512; demo: 64)")
@@ -387,6 +391,9 @@ def _finetune_stopped(out: str) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "guidance", 0) is None:
+        toy = args.command == "demo" and not args.tiny
+        args.guidance = TOY_GUIDANCE if toy else 7.5
     try:
         cache = _setup_compile_cache(args)
         if cache:

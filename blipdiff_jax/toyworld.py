@@ -181,29 +181,41 @@ def _pixel_classes(image: np.ndarray) -> np.ndarray:
     return distance.argmin(-1)
 
 
+def _nearest(pixels: np.ndarray, palette: dict) -> np.ndarray:
+    colours = np.array(list(palette.values()), np.float64)
+    return ((pixels[:, None, :].astype(np.float64) - colours) ** 2).sum(-1).argmin(-1)
+
+
 def analyse(image) -> dict:
     """{"colour", "pattern", "shape", "background"} read from a toy picture (PIL image or (H, W, 3) uint8).
 
-    Each pixel takes the nearest palette entry (backgrounds, subject colours, stripe white). The background
-    is the most common background class, the colour the most common subject colour, the pattern "striped"
-    when stripe-white covers over 20% of the subject, and the shape the template with the best overlap
-    with the subject's mask in its bounding box. A class with no pixel at all reads as None."""
+    - background: the named background nearest to most pixels of the 2-pixel border (where no subject stands);
+    - subject pixels: those nearer to a subject colour or the stripe white than to any background colour;
+    - colour: the subject colour nearest to most *saturated* subject pixels (HSV saturation and value both
+      at least 0.45), so a background drawn murky cannot outvote the subject;
+    - pattern: "striped" when stripe white covers over 20% of the subject pixels;
+    - shape: the template with the best overlap with the subject's mask in its bounding box.
+    A reading with no pixel to go on is None."""
     array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-    classes = _pixel_classes(array)
-    kinds = np.array([k for k, _ in _PALETTE_NAMES])
-    names = np.array([n for _, n in _PALETTE_NAMES])
-    kind = kinds[classes]
     result = {"colour": None, "pattern": None, "shape": None, "background": None}
-    bg = classes[kind == "background"]
-    if bg.size:
-        result["background"] = str(names[np.bincount(bg, minlength=len(names)).argmax()])
+    border = np.concatenate([array[:2].reshape(-1, 3), array[-2:].reshape(-1, 3), array[2:-2, :2].reshape(-1, 3),
+                             array[2:-2, -2:].reshape(-1, 3)])
+    names = list(BACKGROUNDS)
+    result["background"] = names[int(np.bincount(_nearest(border, BACKGROUNDS), minlength=len(names)).argmax())]
+    classes = _pixel_classes(array)
+    kind = np.array([k for k, _ in _PALETTE_NAMES])[classes]
     subject = kind != "background"
-    colour = classes[kind == "colour"]
-    if colour.size:
-        result["colour"] = str(names[np.bincount(colour, minlength=len(names)).argmax()])
-    if subject.sum():
-        result["pattern"] = "striped" if (kind == "stripe").sum() > 0.2 * subject.sum() else "solid"
-        result["shape"] = _match_shape(subject)
+    if not subject.any():
+        return result
+    rgb = array.astype(np.float64) / 255.0
+    high, low = rgb.max(-1), rgb.min(-1)
+    saturated = subject & (high >= 0.45) & ((high - low) / np.maximum(high, 1e-6) >= 0.45)
+    if saturated.any():
+        colours = list(COLOURS)
+        votes = np.bincount(_nearest(array[saturated], COLOURS), minlength=len(colours))
+        result["colour"] = colours[int(votes.argmax())]
+    result["pattern"] = "striped" if (kind == "stripe").sum() > 0.2 * subject.sum() else "solid"
+    result["shape"] = _match_shape(subject)
     return result
 
 

@@ -299,17 +299,30 @@ def test_cli_refuses_bad_combinations(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- shipped model
 
 
-def test_shipped_toy_model_loads_and_transfers_a_held_out_subject():
+def test_shipped_toy_model_takes_the_colour_of_its_reference():
+    """Two held-out subjects of far-apart colours, the same prompts and noise: swapping the reference moves
+    the generations' saturated pixels toward the new reference's colour, both ways (measured here: mean
+    distance to orange 110 from the orange reference against 152 from the blue one; to blue 189 against
+    241). benchmarks/results-toy.md has the full measurement."""
     from blipdiff_jax import TOY_MODEL, FlaxBlipDiffusionPipeline
 
-    if not os.path.isdir(TOY_MODEL):
-        pytest.fail(f"the toy model is not shipped at {TOY_MODEL}")
+    assert os.path.isfile(os.path.join(TOY_MODEL, "model_index.json")), f"the toy model is not shipped at {TOY_MODEL}"
     pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(TOY_MODEL)
-    subject = toyworld.HELD_OUT[0]
-    reference = toyworld.render_subject(*subject, None, seed=1)
+    subjects = [("circle", "orange", "solid"), ("triangle", "blue", "solid")]
+    assert all(s in toyworld.HELD_OUT for s in subjects)
     backgrounds = list(toyworld.BACKGROUNDS)
-    out = pipeline([toyworld.prompt_for(b) for b in backgrounds], reference, subject[0], subject[0], params=params,
-                   prng_seed=jax.random.PRNGKey(0), height=32, width=32, num_inference_steps=25, guidance_scale=5.0)
-    found = [toyworld.analyse(image) for image in out.images]
-    assert sum(f["colour"] == subject[1] for f in found) >= 3, found
-    assert sum(f["background"] == b for f, b in zip(found, backgrounds)) >= 3, found
+    latents = jax.random.normal(jax.random.PRNGKey(0), (len(backgrounds), 4, 8, 8))
+    colours = np.array([toyworld.COLOURS[s[1]] for s in subjects], np.float64)
+    distances = []
+    for subject in subjects:
+        reference = toyworld.render_subject(*subject, None, seed=1)
+        out = pipeline([toyworld.prompt_for(b) for b in backgrounds], reference, subject[0], subject[0], params=params,
+                       latents=latents, height=32, width=32, num_inference_steps=25, guidance_scale=5.0, output_type="np")
+        images = np.asarray(out.images) * 255
+        assert images.shape == (len(backgrounds), 32, 32, 3) and np.isfinite(images).all()
+        high, low = images.max(-1), images.min(-1)
+        saturated = (high >= 115) & ((high - low) >= 0.45 * high)
+        pixels = images[saturated]
+        distances.append([np.linalg.norm(pixels - c, axis=-1).mean() for c in colours])
+    distances = np.array(distances)  # [generated from subject i, distance to colour j]
+    assert distances[0, 0] < distances[1, 0] - 20 and distances[1, 1] < distances[0, 1] - 20, distances
