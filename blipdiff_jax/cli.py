@@ -179,7 +179,8 @@ def _check_folder(folder: str, flag: str) -> None:
 
 def _metadata_fields(args, settings: dict, index: int) -> dict:
     fields = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "image_index": index,
-              "model": getattr(args, "model", "embedded tiny random-weight demo model"), "subject": args.subject,
+              "model": getattr(args, "model", "embedded tiny random-weight demo model" if getattr(args, "tiny", False)
+                               else "toy model (blipdiff_jax.TOY_MODEL)"), "subject": args.subject,
               "target_subject": args.target_subject or args.subject, "guidance": args.guidance}
     fields.update(settings)
     fields["software"] = "blipdiff-jax"

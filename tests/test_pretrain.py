@@ -243,6 +243,7 @@ def uninterrupted(converted_model, tmp_path_factory):
     return trainer, str(out)
 
 
+@pytest.mark.slow
 def test_short_pretraining_lowers_the_loss_and_exports_a_model(uninterrupted):
     from blipdiff_jax import FlaxBlipDiffusionPipeline
 
@@ -260,6 +261,7 @@ def test_short_pretraining_lowers_the_loss_and_exports_a_model(uninterrupted):
                                   np.asarray(trainer.model.params["vae"]["decoder"]["conv_out"]["kernel"]))  # frozen
 
 
+@pytest.mark.slow
 def test_stop_and_resume_equals_an_uninterrupted_run(converted_model, uninterrupted, tmp_path):
     trainer, out = uninterrupted
     stopped = pretrainer(converted_model, tmp_path / "run", steps=30, checkpoint_every=10)
@@ -271,6 +273,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(converted_model, uninterrup
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_batches_are_a_function_of_seed_and_step(uninterrupted):
     trainer, _ = uninterrupted
     a, b = trainer.batch(7), trainer.batch(7)
@@ -280,6 +283,7 @@ def test_batches_are_a_function_of_seed_and_step(uninterrupted):
     assert isinstance(trainer.source, ToyWorldSource)
 
 
+@pytest.mark.slow
 def test_ema_weights_are_exported(converted_model, tmp_path):
     trainer = pretrainer(converted_model, tmp_path / "ema", steps=3, ema_decay=0.5)
     trainer.train()

@@ -155,7 +155,6 @@ class PretrainLoss(DiffusionLoss):
     def __call__(self, trainable, frozen, batch, latents, noise, timesteps, keep_subject, keep_caption):
         """batch: reference, prompt_ids, uncond_ids (1, 77), qformer_ids, qformer_mask; keep_*: (B,) booleans."""
         pieces = {**frozen, **trainable}
-        size = latents.shape[0]
         subject = self.subject_embeddings(pieces, batch)
         subject = jnp.where(keep_subject[:, None, None], subject, jnp.zeros_like(subject))
         text = {"params": pieces["text_encoder"]}
@@ -165,7 +164,6 @@ class PretrainLoss(DiffusionLoss):
         noise = noise.astype(self.loss_dtype)
         noisy = self.scheduler.add_noise(self.scheduler_state, latents.astype(self.loss_dtype), noise, timesteps)
         prediction = self._unet(pieces["unet"], noisy.astype(self.compute_dtype), timesteps, context)
-        assert prediction.shape[0] == size
         return jnp.mean((prediction.astype(self.loss_dtype) - noise) ** 2)
 
 
