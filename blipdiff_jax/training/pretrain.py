@@ -42,7 +42,7 @@ from .config import check_ints
 from .export import write_converted_into
 from .loss import DiffusionLoss
 from .pretrain_data import FolderSource, PretrainBatches, ToyWorldSource
-from .trainer import Trainer
+from .trainer import Trainer, cached_step
 
 GROUPS = ("qformer", "text_encoder", "unet", "vision")
 DEFAULT_GROUPS = ("qformer", "text_encoder", "unet")
@@ -223,23 +223,19 @@ def make_pretrain_step(loss: PretrainLoss, optimizer, caption_dropout: float, su
                                            compiler_options=compiler_options()))
 
 
-_STEP_CACHE: dict = {}  # one compiled step per model configuration and settings (a resumed run in-process reuses it)
-
-
 def cached_pretrain_step(configs: dict, ctx_begin_pos: int, config: PretrainConfig):
     """(loss, optimizer, jitted step) shared by pre-trainers of the same model configs and settings."""
     settings = {k: getattr(config, k) for k in ("steps", "learning_rate", "warmup_steps", "schedule", "weight_decay",
                                                 "max_grad_norm", "ema_decay", "caption_dropout", "subject_dropout", "remat")}
-    key = json.dumps([{k: configs[k] for k in ("qformer", "unet", "text_encoder", "vae", "scheduler")}, int(ctx_begin_pos),
-                      jnp.dtype(config.compute_dtype).name, settings], sort_keys=True, default=str)
-    if key not in _STEP_CACHE:
+    key = json.dumps(["pretrain", {k: configs[k] for k in ("qformer", "unet", "text_encoder", "vae", "scheduler")},
+                      int(ctx_begin_pos), jnp.dtype(config.compute_dtype).name, settings], sort_keys=True, default=str)
+
+    def build():
         loss = PretrainLoss(configs, ctx_begin_pos, config.compute_dtype, config.remat)
         optimizer = make_pretrain_optimizer(config)
-        if len(_STEP_CACHE) >= 4:
-            _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
-        _STEP_CACHE[key] = (loss, optimizer, make_pretrain_step(loss, optimizer, float(config.caption_dropout),
-                                                                float(config.subject_dropout)))
-    return _STEP_CACHE[key]
+        return loss, optimizer, make_pretrain_step(loss, optimizer, float(config.caption_dropout), float(config.subject_dropout))
+
+    return cached_step(key, build)
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -257,9 +253,7 @@ class SubjectPretrainer(Trainer):
         self.model, self.config, self.names = model, config, names or {}
         self.keep_in_out = tuple(keep_in_out)
         self.pipeline = FlaxBlipDiffusionPipeline(model)
-        multiple = 2 ** (len(model.configs["vae"]["block_out_channels"]) - 1) * 2 ** (len(model.configs["unet"]["block_out_channels"]) - 1)
-        if config.resolution % multiple:
-            raise ValueError(f"{self._name('resolution')}={config.resolution} must be a multiple of {multiple} for this model")
+        self._check_resolution(model, config.resolution)
         self.out = os.path.abspath(config.out)
         self.groups = tuple(config.train)
         self.source = ToyWorldSource(config.resolution) if config.toy else FolderSource(

@@ -72,19 +72,28 @@ def make_train_step(loss: DiffusionLoss, optimizer):
 _STEP_CACHE: dict = {}  # one compiled step per model configuration and settings (trainers of the same model share it)
 
 
-def cached_train_step(configs: dict, ctx_begin_pos: int, compute_dtype, remat: bool, learning_rate: float, weight_decay: float):
-    """(loss, optimizer, jitted step), shared by every trainer with the same model configs and settings, so a
-    resumed or repeated run in the same process does not compile again."""
-    key = json.dumps([{k: configs[k] for k in ("unet", "text_encoder", "vae", "scheduler")}, int(ctx_begin_pos),
-                      jnp.dtype(compute_dtype).name, bool(remat), float(learning_rate), float(weight_decay)],
-                     sort_keys=True, default=str)
+def cached_step(key: str, build):
+    """`build()` (a (loss, optimizer, jitted step) triple) once per `key`, so a resumed or repeated run in the
+    same process does not compile again; the 4 most recent are kept."""
     if key not in _STEP_CACHE:
-        loss = DiffusionLoss(configs, ctx_begin_pos, compute_dtype, remat)
-        optimizer = make_optimizer(learning_rate, weight_decay)
         if len(_STEP_CACHE) >= 4:
             _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
-        _STEP_CACHE[key] = (loss, optimizer, make_train_step(loss, optimizer))
+        _STEP_CACHE[key] = build()
     return _STEP_CACHE[key]
+
+
+def cached_train_step(configs: dict, ctx_begin_pos: int, compute_dtype, remat: bool, learning_rate: float, weight_decay: float):
+    """(loss, optimizer, jitted step) of fine-tuning, shared by every trainer with the same model configs and settings."""
+    key = json.dumps(["finetune", {k: configs[k] for k in ("unet", "text_encoder", "vae", "scheduler")}, int(ctx_begin_pos),
+                      jnp.dtype(compute_dtype).name, bool(remat), float(learning_rate), float(weight_decay)],
+                     sort_keys=True, default=str)
+
+    def build():
+        loss = DiffusionLoss(configs, ctx_begin_pos, compute_dtype, remat)
+        optimizer = make_optimizer(learning_rate, weight_decay)
+        return loss, optimizer, make_train_step(loss, optimizer)
+
+    return cached_step(key, build)
 
 
 def step_key(base_key, step: int):
@@ -125,6 +134,13 @@ class Trainer:
 
             self.mesh = None
             self._shardings = (SingleDeviceSharding(jax.devices()[0]),) * 2
+
+    def _check_resolution(self, model, resolution: int) -> None:
+        """Training images must pass the VAE's and the UNet's downsampling evenly."""
+        vae_factor = 2 ** (len(model.configs["vae"]["block_out_channels"]) - 1)
+        multiple = vae_factor * 2 ** (len(model.configs["unet"]["block_out_channels"]) - 1)
+        if resolution % multiple:
+            raise ValueError(f"{self._name('resolution')}={resolution} must be a multiple of {multiple} for this model")
 
     def _replicate(self, tree):
         # Always committed to an explicit sharding: restored checkpoints are, and the compiled step must match.
@@ -238,10 +254,7 @@ class SubjectFinetuner(Trainer):
         self.paths = data.list_images(config.images, self._name("images"))
         # The pipeline serves the subject encoder and previews; its params are the trainer's (none allocated here).
         self.pipeline = pipeline if pipeline is not None else FlaxBlipDiffusionPipeline(model)
-        vae_factor = 2 ** (len(model.configs["vae"]["block_out_channels"]) - 1)
-        multiple = vae_factor * 2 ** (len(model.configs["unet"]["block_out_channels"]) - 1)
-        if config.resolution % multiple:
-            raise ValueError(f"{self._name('resolution')}={config.resolution} must be a multiple of {multiple} for this model")
+        self._check_resolution(model, config.resolution)
         self.out = os.path.abspath(config.out)
         self.loss, self.optimizer, self.train_step = cached_train_step(
             model.configs, self.pipeline.ctx_begin_pos, config.compute_dtype, config.remat,
