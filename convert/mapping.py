@@ -61,24 +61,30 @@ def _transform(array: np.ndarray, how: str) -> np.ndarray:
     return array
 
 
-def map_state_dict(
-    state_dict: dict[str, np.ndarray],
+def _transformed_shape(shape: tuple, how: str) -> tuple:
+    """The shape `_transform` gives an array of `shape`, without the array."""
+    if how == "kernel" and len(shape) == 2:
+        return (shape[1], shape[0])
+    if how == "kernel" and len(shape) == 4:
+        return (shape[2], shape[3], shape[1], shape[0])
+    return tuple(shape)
+
+
+def plan_state_dict(
+    shapes: dict[str, tuple],
     expected: dict[tuple, tuple],
     *,
     component: str,
     style: str,
     source: str = "",
-) -> dict[tuple, np.ndarray]:
-    """Map `state_dict` onto the flat Flax leaves `expected` (path -> shape). Returns flat path -> array.
-
-    style: "transformers" (list items are path elements: `layers/0`) or "diffusers" (`down_blocks_0`).
-    """
+) -> dict[tuple, tuple[str, str]]:
+    """Flat Flax path -> (PyTorch key, transform) for the checkpoint tensors of `shapes` (key -> shape, in the
+    state dict's order), checked before any tensor is read: raises `ConversionError` as `map_state_dict` does."""
     skip = set(KNOWN_BUFFERS.get(component, ()))
-    filled: dict[tuple, np.ndarray] = {}
-    filled_by: dict[tuple, str] = {}
+    plan: dict[tuple, tuple[str, str]] = {}
     unexpected, wrong_shape, duplicate = [], [], []
     mis_shaped: set[tuple] = set()
-    for pt_key, tensor in state_dict.items():
+    for pt_key, shape in shapes.items():
         if pt_key in skip:
             continue
         for path, how in _candidates(pt_key, style):
@@ -87,16 +93,15 @@ def map_state_dict(
         else:
             unexpected.append(pt_key)
             continue
-        array = _transform(np.asarray(tensor), how)
-        if tuple(array.shape) != tuple(expected[path]):
-            wrong_shape.append(f"{pt_key}: checkpoint {tuple(np.shape(tensor))}, model expects {tuple(expected[path])}")
+        if _transformed_shape(tuple(shape), how) != tuple(expected[path]):
+            wrong_shape.append(f"{pt_key}: checkpoint {tuple(shape)}, model expects {tuple(expected[path])}")
             mis_shaped.add(path)  # reported once, as a wrong shape, not again as missing
             continue
-        if path in filled:
-            duplicate.append(f"{pt_key} and {filled_by[path]}")
+        if path in plan:
+            duplicate.append(f"{pt_key} and {plan[path][0]}")
             continue
-        filled[path], filled_by[path] = array, pt_key
-    missing = [".".join(p) for p in expected if p not in filled and p not in mis_shaped]
+        plan[path] = (pt_key, how)
+    missing = [".".join(p) for p in expected if p not in plan and p not in mis_shaped]
     problems = []
     where = f" in {source}" if source else ""
     if missing:
@@ -109,5 +114,32 @@ def map_state_dict(
         problems.append(f"tensors{where} that fill the same param: {'; '.join(duplicate)}")
     if problems:
         raise ConversionError(f"{component}: " + " | ".join(problems))
-    return filled
+    return plan
 
+
+def map_state_dict(
+    state_dict,
+    expected: dict[tuple, tuple],
+    *,
+    component: str,
+    style: str,
+    source: str = "",
+    place=None,
+) -> dict[tuple, np.ndarray]:
+    """Map `state_dict` onto the flat Flax leaves `expected` (path -> shape). Returns flat path -> array.
+
+    style: "transformers" (list items are path elements: `layers/0`) or "diffusers" (`down_blocks_0`).
+    `state_dict`: a dict, or a mapping with `shape(key)` (`convert.state_dict.LazyStateDict`), checked from the
+    shapes before any tensor is read. Tensors are then read one at a time, each converted and passed through
+    `place` (e.g. onto a device, cast) before the next is read, so no second copy of the whole state dict is
+    ever held.
+    """
+    shape_of = getattr(state_dict, "shape", None) or (lambda key: np.shape(state_dict[key]))
+    shapes = {key: tuple(shape_of(key)) for key in state_dict}
+    plan = plan_state_dict(shapes, expected, component=component, style=style, source=source)
+    filled: dict[tuple, np.ndarray] = {}
+    for path, (pt_key, how) in plan.items():
+        array = _transform(np.asarray(state_dict[pt_key]), how)
+        filled[path] = array if place is None else place(array)
+        del array  # freed before the next tensor is read
+    return filled

@@ -18,7 +18,7 @@ from blipdiff_jax.checkpoint import ConvertedModel
 from blipdiff_jax.host_memory import returning_large_blocks
 
 from .mapping import map_state_dict
-from .state_dict import read_folder_weights
+from .state_dict import open_folder_weights
 
 REQUIRED = ("qformer", "text_encoder", "unet", "vae", "scheduler", "tokenizer")
 DEFAULT_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -30,11 +30,13 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def convert_component(name: str, state_dict: dict, config: dict, source: str = "") -> dict:
-    """Strictly map one component's PyTorch state dict onto its Flax params."""
+def convert_component(name: str, state_dict, config: dict, source: str = "", place=None) -> dict:
+    """Strictly map one component's PyTorch state dict (a dict or a `LazyStateDict`) onto its Flax params;
+    each converted leaf goes through `place` (see `map_state_dict`) as soon as it is read."""
     module = components.build_model(name, config)
     shapes = components.param_shapes(name, module)
-    flat = map_state_dict(state_dict, shapes, component=name, style=components.NAMING_STYLE[name], source=source)
+    flat = map_state_dict(state_dict, shapes, component=name, style=components.NAMING_STYLE[name], source=source,
+                          place=place)
     return unflatten_dict(flat)
 
 
@@ -70,15 +72,17 @@ def _controlnet_folder(path: str) -> str:
     return path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "controlnet")
 
 
-def read_component(name: str, folder: str, state_dict: dict | None = None, source: str = "") -> tuple[dict, dict, str]:
-    """(config, Flax params, weights source) of one component folder; `state_dict` replaces its weights files."""
+def read_component(name: str, folder: str, state_dict: dict | None = None, source: str = "",
+                   place=None) -> tuple[dict, dict, str]:
+    """(config, Flax params, weights source) of one component folder; `state_dict` replaces its weights files.
+    The files are read one tensor at a time, each leaf passed through `place` (see `map_state_dict`)."""
     config_file = os.path.join(folder, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{name}: no config.json in {folder}")
     config = _read_json(config_file)
     if state_dict is None:
-        state_dict, source = read_folder_weights(folder)
-    return config, convert_component(name, state_dict, config, source=source), source
+        state_dict, source = open_folder_weights(folder)
+    return config, convert_component(name, state_dict, config, source=source, place=place), source
 
 
 def read_controlnet(path: str) -> tuple[dict, dict]:
@@ -142,11 +146,14 @@ def read_pytorch_directory(
     lavis_weights: str | None = None,
     log: Callable[[str], None] = lambda line: None,
     progress: bool = False,
+    place: Callable | None = None,
 ) -> ConvertedModel:
     """Convert every component of `src` (and an optional separate ControlNet directory) to Flax params.
 
     With `lavis_weights`, the weights come from that LAVIS checkpoint instead, and `src` supplies the
-    configs, scheduler and tokenizers (e.g. the Hub's `Salesforce/blipdiffusion` layout)."""
+    configs, scheduler and tokenizers (e.g. the Hub's `Salesforce/blipdiffusion` layout).
+    Params are numpy arrays, or what `place` makes of each leaf: tensors are read, converted and placed one
+    at a time, so the peak is the placed params plus one tensor, not a state dict next to them."""
     from transformers import CLIPTokenizer
 
     src = os.path.abspath(src)
@@ -179,7 +186,8 @@ def read_pytorch_directory(
         for name, folder in folders.items():
             bar.set_postfix_str(name)
             state = lavis.get(name) if lavis is not None else None
-            configs[name], params[name], weights_file = read_component(name, folder, state, f"{lavis_weights} ({name})")
+            configs[name], params[name], weights_file = read_component(name, folder, state, f"{lavis_weights} ({name})",
+                                                                       place=place)
             tensors = len(flatten_dict(params[name]))
             line = f"{name}: {tensors} params from {os.path.relpath(weights_file, src) if weights_file.startswith(src) else weights_file}"
             with bar.external_write_mode():  # the caller's log prints above the bar, not through it

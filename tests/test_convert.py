@@ -1,5 +1,6 @@
 """Conversion: strict mapping, the converted directory format, the `python -m convert` CLI."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -162,3 +163,77 @@ def test_cli_converts_and_loads_without_torch(torch_pipeline_dir, tmp_path):
     assert again.returncode != 0 and "already exists" in again.stderr
     missing = subprocess.run([sys.executable, "-m", "convert", str(tmp_path / "nope"), str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=ROOT)
     assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+COMPONENT_FILES = {"qformer": "qformer/model.safetensors", "text_encoder": "text_encoder/model.safetensors",
+                   "unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors"}
+
+
+@pytest.mark.parametrize("dtype", [jax.numpy.float32, jax.numpy.bfloat16])
+def test_from_pt_streams_the_params_of_the_converted_directory(torch_pipeline_dir, tmp_path, dtype):
+    """`from_pretrained(from_pt=True)` reads, converts and places one tensor at a time; its params equal, bit
+    for bit and dtype for dtype, those of the converted directory and of whole state dicts mapped at once."""
+    from blipdiff_jax import FlaxBlipDiffusionPipeline, components
+
+    _, streamed = FlaxBlipDiffusionPipeline.from_pretrained(torch_pipeline_dir, from_pt=True, dtype=dtype)
+    out = save_converted(read_pytorch_directory(torch_pipeline_dir), str(tmp_path / "flax"))
+    _, from_dir = FlaxBlipDiffusionPipeline.from_pretrained(out, dtype=dtype)
+    model = load_converted(out)
+    for name, file in COMPONENT_FILES.items():
+        whole = convert_component(name, load_file(os.path.join(torch_pipeline_dir, file)), model.configs[name])
+        expected = flatten_dict(components.cast_params(whole, dtype))
+        for reference in (expected, flatten_dict(from_dir[name])):
+            got = flatten_dict(streamed[name])
+            assert got.keys() == reference.keys()
+            for key, value in reference.items():
+                assert isinstance(got[key], jax.Array) and got[key].dtype == value.dtype, key
+                np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(value), err_msg=f"{name} {key}")
+
+
+def test_weights_are_read_one_tensor_at_a_time(torch_pipeline_dir):
+    """Each tensor is read only when its turn comes and placed before the next is read; the whole state dict
+    equals safetensors' own reading."""
+    from convert.state_dict import open_folder_weights
+
+    folder = os.path.join(torch_pipeline_dir, "vae")
+    lazy, source = open_folder_weights(folder)
+    whole = load_file(source)
+    assert list(lazy) == list(whole)
+    for key, value in whole.items():
+        assert lazy.shape(key) == value.shape
+        got = lazy[key]
+        assert got.dtype == value.dtype
+        np.testing.assert_array_equal(got, value)
+    events = []
+    reading = type(lazy)({k: lazy.shape(k) for k in lazy}, lambda key: events.append("read") or lazy[key])
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    convert_component("vae", reading, config, place=lambda array: events.append("place") or array)
+    assert events == ["read", "place"] * len(whole)
+
+
+def test_a_checkpoint_that_does_not_fit_fails_before_any_tensor_is_read(qformer_state):
+    from convert.state_dict import LazyStateDict
+
+    state, config = qformer_state
+    reads = []
+    broken = {k: v for k, v in state.items() if k != "encoder.layer.0.attention.attention.query.weight"}
+    lazy = LazyStateDict({k: v.shape for k, v in broken.items()}, lambda key: reads.append(key) or broken[key])
+    with pytest.raises(ConversionError, match=r"missing.*encoder\.layer\.0\.attention\.attention\.query\.kernel"):
+        convert_component("qformer", lazy, config)
+    assert reads == []
+
+
+def test_bf16_safetensors_read_as_fp32_as_torch_gives_them(tmp_path):
+    from safetensors.torch import save_file as save_torch
+
+    from convert.state_dict import read_weights_file
+
+    tensors = {"a": torch.randn(3, 2).bfloat16(), "b": torch.arange(3), "c": torch.randn(2).half()}
+    path = str(tmp_path / "model.safetensors")
+    save_torch(tensors, path)
+    state = read_weights_file(path)
+    assert sorted(state) == sorted(tensors)
+    for key, tensor in tensors.items():
+        assert state[key].dtype == np.float32
+        np.testing.assert_array_equal(state[key], tensor.float().numpy())

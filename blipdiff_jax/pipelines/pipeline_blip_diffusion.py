@@ -168,7 +168,10 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         if from_pt and not is_converted_directory(path):
             from convert.pytorch_dir import read_pytorch_directory
 
-            model = read_pytorch_directory(path, qformer_tokenizer=qformer_tokenizer, **kwargs)
+            # Each tensor is cast and placed as soon as it is converted: no host copy of the whole state dict
+            # next to the params.
+            place = partial(components.cast_params, dtype=dtype)
+            model = read_pytorch_directory(path, qformer_tokenizer=qformer_tokenizer, place=place, **kwargs)
         else:
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"path: model directory {path!r} does not exist")
