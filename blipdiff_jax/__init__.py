@@ -1,9 +1,7 @@
 """blipdiff-jax: BLIP-Diffusion (subject-driven generation and editing) in JAX/Flax."""
 
-from ._quiet import silence_flax_deprecation
 from .compilation import prefer_memory_on_cpu
-
-silence_flax_deprecation()
+from .host_memory import tune_host_memory
 
 __version__ = "0.1.0"
 
@@ -24,4 +22,4 @@ def __getattr__(name):
 
 
 __all__ = ["TOY_MODEL", "FlaxBlipDiffusionPipeline", "FlaxBlipDiffusionPipelineOutput", "FlaxBlipDiffusionControlNetPipeline", "__version__",
-           "prefer_memory_on_cpu"]
+           "prefer_memory_on_cpu", "tune_host_memory"]

@@ -12,15 +12,12 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from transformers import Blip2Config, CLIPTextConfig
 
-from ._quiet import silence_flax_deprecation
+from .runtime.quiet import quiet_flax_notices, quietly
 
-silence_flax_deprecation()
+with quiet_flax_notices():  # diffusers' Flax embeddings log the notice as their classes are defined
+    from diffusers import FlaxAutoencoderKL, FlaxControlNetModel, FlaxUNet2DConditionModel
 
-from diffusers import FlaxAutoencoderKL, FlaxControlNetModel, FlaxUNet2DConditionModel  # noqa: E402
-
-from .models import FlaxBlip2QFormerModel, FlaxContextCLIPTextModel  # noqa: E402
-
-silence_flax_deprecation()  # again, for the module loggers those imports created
+    from .models import FlaxBlip2QFormerModel, FlaxContextCLIPTextModel
 
 MODEL_COMPONENTS = ("qformer", "text_encoder", "unet", "vae", "controlnet")
 # The naming style of each component's Flax tree: transformers-like `layers/0` or diffusers' `down_blocks_0`.
@@ -73,6 +70,7 @@ def qformer_config(config: dict) -> Blip2Config:
     return Blip2Config.from_dict(dict(config))
 
 
+@quietly
 def build_model(name: str, config: dict, dtype=jnp.float32):
     """The Flax module for component `name`, configured by its `config.json` contents."""
     if name == "qformer":
@@ -85,6 +83,7 @@ def build_model(name: str, config: dict, dtype=jnp.float32):
     return classes[name].from_config(flax_config(classes[name], config, name), dtype=dtype)
 
 
+@quietly
 def init_params(name: str, module, rng=None):
     """Random parameters (for tests and the demo model), never used to fill a checkpoint's gaps."""
     rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -105,6 +104,7 @@ def init_params(name: str, module, rng=None):
     return module.init_weights(rng)
 
 
+@quietly
 def param_shapes(name: str, module) -> dict[tuple, tuple]:
     """Flat Flax path -> shape of every parameter, without allocating them."""
     tree = jax.eval_shape(lambda: init_params(name, module))

@@ -21,6 +21,11 @@ from the persistent cache.
 What a program frees while it runs is the opposite case: its scratch buffers are needed again by the next
 operation, so while our programs run glibc keeps up to 16 MiB of free memory at the top of each heap arena
 (`keep_freed_scratch`) instead of 128 KiB, and while XLA compiles it goes back to 128 KiB.
+
+All of this is opt-in: glibc's settings are the application's, not a library's. Until `tune_host_memory()` is
+called (the CLI and the benchmarks call it), loading a checkpoint and compiling our programs leave the C heap
+alone; the functions below that name one glibc call (`release_freed_memory`, `return_large_blocks_to_os`,
+`keep_freed_scratch`) do what they say whenever called.
 """
 
 from __future__ import annotations
@@ -55,8 +60,25 @@ _M_MMAP_THRESHOLD = -3
 OPT_OUT_ENV = "BLIPDIFF_JAX_TUNE_MALLOC"
 
 
+_tuning = {"on": False}  # set by tune_host_memory()
+
+
 def _opted_out() -> bool:
     return os.environ.get(OPT_OUT_ENV, "1") == "0"
+
+
+def tune_host_memory() -> bool:
+    """Turn on this module's glibc tuning for the rest of the process: the mmap threshold pinned while a
+    checkpoint is read, the heap trimmed after loading and after each compile of our programs, freed scratch
+    kept while they run. Process-wide, so an application's choice (the CLI and the benchmarks make it), never
+    made on import. Returns whether it is on: not without glibc, nor with BLIPDIFF_JAX_TUNE_MALLOC=0."""
+    _tuning["on"] = not _opted_out() and _glibc() is not None
+    return _tuning["on"]
+
+
+def host_memory_tuned() -> bool:
+    """Whether `tune_host_memory()` turned the tuning on (and BLIPDIFF_JAX_TUNE_MALLOC=0 does not hold it off)."""
+    return _tuning["on"] and not _opted_out()
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,8 +133,12 @@ def keep_freed_scratch(keep: bool) -> bool:
 
 @contextlib.contextmanager
 def returning_large_blocks():
-    """For reading a checkpoint: the threshold pinned at 128 KiB while inside, so the readers' freed buffers
-    go back to the OS; on leaving, raised to 32 MiB (`AFTER_READING`) and the heap's free pages handed back."""
+    """For reading a checkpoint, once `tune_host_memory()` was called: the threshold pinned at 128 KiB while
+    inside, so the readers' freed buffers go back to the OS; on leaving, raised to 32 MiB (`AFTER_READING`)
+    and the heap's free pages handed back. Without the tuning it does nothing."""
+    if not host_memory_tuned():
+        yield False
+        return
     pinned = return_large_blocks_to_os()
     try:
         yield pinned
@@ -128,7 +154,7 @@ def returning_large_blocks():
 # and after lowering a program, which comes before its compile (JAXPR_TO_MLIR_MODULE_EVENT).
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 LOWERED_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
-_scope = {"depth": 0, "listening": False}
+_scope = {"depth": 0}
 _scope_lock = threading.Lock()
 
 
@@ -146,22 +172,31 @@ def _after_compile(event, duration, **kwargs):
 def releasing_after_compiles():
     """While inside, each XLA compilation runs with glibc's trim threshold low and is followed by
     `release_freed_memory()` and the threshold raised, before its program runs (see the module docstring).
-    Re-entrant; does nothing with BLIPDIFF_JAX_TUNE_MALLOC=0 or without glibc."""
-    if _opted_out() or _glibc() is None:
+    Re-entrant. JAX's compile events are listened to only while some thread is inside: the listener is
+    registered on the first entry and removed on the last exit. Does nothing until `tune_host_memory()`."""
+    if not host_memory_tuned():
         yield False
         return
-    with _scope_lock:
-        if not _scope["listening"]:
-            import jax.monitoring
+    import jax.monitoring
 
+    with _scope_lock:
+        if _scope["depth"] == 0:
             jax.monitoring.register_event_duration_secs_listener(_after_compile)
-            _scope["listening"] = True
         _scope["depth"] += 1
     try:
         yield True
     finally:
         with _scope_lock:
             _scope["depth"] -= 1
+            if _scope["depth"] == 0:
+                jax.monitoring.unregister_event_duration_listener(_after_compile)
+
+
+def listening_to_compiles() -> bool:
+    """Whether our compile listener is registered with `jax.monitoring` now (only inside `releasing_after_compiles`)."""
+    from jax._src import monitoring
+
+    return _after_compile in monitoring.get_event_duration_listeners()
 
 
 class trimmed_after_compiling:

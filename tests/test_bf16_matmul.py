@@ -13,6 +13,7 @@ from conftest import hlo_bodies, jaxpr_equations
 
 from blipdiff_jax import components
 from blipdiff_jax.models import attention, bf16_matmul, conv
+from blipdiff_jax.runtime import Runtime
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the bf16 products are XLA-CPU specific")
 
@@ -41,7 +42,7 @@ def convolution_strides(hlo_text: str) -> list[str]:
 
 
 def _intercepted(module):
-    interceptor = attention.attention_interceptor("blockwise")
+    interceptor = Runtime.for_backend("blockwise", cpu_rewrites=True).unet_interceptor
 
     def apply(params, *inputs):
         with nn.intercept_methods(interceptor):
@@ -137,7 +138,7 @@ def test_bf16_unet_step_runs_every_product_on_bf16(converted_model):
     convolutions left to XLA are the strided ones (the downsamplers)."""
     unet = components.build_model("unet", converted_model.configs["unet"], jnp.bfloat16)
     params = components.cast_params(converted_model.params["unet"], jnp.bfloat16)
-    interceptor = attention.attention_interceptor("blockwise")
+    interceptor = Runtime.for_backend("blockwise", cpu_rewrites=True).unet_interceptor
 
     def step(params, latents, timestep, context):
         with attention.intercept_attention(interceptor):

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blipdiff_jax.models import attention, conv
+from blipdiff_jax.models import conv, cpu_rewrites
+from blipdiff_jax.runtime import Runtime
 
 TOLERANCE = 1e-5  # fp32 max abs on outputs of magnitude ~1: the same sums in another order
 
@@ -67,13 +68,13 @@ def test_other_convolutions_are_left_to_xla(case):
 def test_the_cpu_kernels_route_small_convolutions_and_xla_leaves_them(monkeypatch):
     module, params, inputs = _conv_and_inputs((3, 3), ((1, 1), (1, 1)), size=7)
     calls = []
-    monkeypatch.setattr(attention, "matmul_conv", lambda m, x: calls.append(m.name) or conv.matmul_conv(m, x))
+    monkeypatch.setattr(cpu_rewrites, "matmul_conv", lambda m, x: calls.append(m.name) or conv.matmul_conv(m, x))
     expected = module.apply(params, inputs)
-    with nn.intercept_methods(attention.attention_interceptor("blockwise")):
+    with nn.intercept_methods(Runtime.for_backend("blockwise", cpu_rewrites=True).unet_interceptor):
         out = module.apply(params, inputs)
     assert calls == [None] and jax.default_backend() == "cpu"
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=0, atol=TOLERANCE)
-    assert attention.attention_interceptor("xla") is None  # diffusers' UNet exactly as shipped
+    assert Runtime.for_backend("xla", cpu_rewrites=False).unet_interceptor is None  # diffusers' UNet as shipped
 
 
 @pytest.mark.parametrize("shape,features", [((2, 10, 14, 16), 24), ((1, 34, 18, 40), 16), ((1, 6, 6, 16), 32)])

@@ -10,7 +10,8 @@ from conftest import jaxpr_equations, make_image
 from diffusers.models.attention_flax import FlaxFeedForward
 
 from blipdiff_jax import FlaxBlipDiffusionPipeline
-from blipdiff_jax.models import attention, feed_forward
+from blipdiff_jax.models import attention, cpu_rewrites, feed_forward
+from blipdiff_jax.runtime import Runtime
 
 TOLERANCE = 1e-5  # fp32: the same rows through the same layers, the products' summation order aside
 
@@ -37,7 +38,7 @@ def test_interceptor_chunks_and_gradients_match(monkeypatch):
         with attention.intercept_attention(interceptor):
             return jnp.sum(module.apply(params, hidden) ** 2)
 
-    swapped = attention.attention_interceptor("blockwise")
+    swapped = Runtime.for_backend("blockwise", cpu_rewrites=True).unet_interceptor
     jaxpr = jax.make_jaxpr(lambda p, x: loss(p, x, swapped))(params, hidden).jaxpr
     scans = [e for e in jaxpr_equations(jaxpr, ("scan",)) if e.params["length"] == 2 * 256 // 64]
     assert scans, "the interceptor did not run the feed-forward in 8 chunks"
@@ -77,7 +78,7 @@ def test_interceptor_leaves_dropout_whole(positional, monkeypatch):
     call = (lambda m, x: m(x, False)) if positional else (lambda m, x: m(x, deterministic=False))
 
     def run(params, hidden):
-        with attention.intercept_attention(attention.attention_interceptor("blockwise")):
+        with attention.intercept_attention(Runtime.for_backend("blockwise", cpu_rewrites=True).unet_interceptor):
             return module.apply(params, hidden, method=call, rngs={"dropout": jax.random.PRNGKey(1)})
 
     assert not list(jaxpr_equations(jax.make_jaxpr(run)(params, hidden).jaxpr, ("scan",)))
@@ -93,7 +94,7 @@ def test_pipeline_with_chunked_feed_forwards(converted_model, monkeypatch):
     monkeypatch.setattr(feed_forward, "CHUNK_BYTES", 4096)
     calls = []
     original = feed_forward.chunked_feed_forward
-    monkeypatch.setattr(attention, "chunked_feed_forward", lambda *a: calls.append(a[2]) or original(*a))
+    monkeypatch.setattr(cpu_rewrites, "chunked_feed_forward", lambda *a: calls.append(a[2]) or original(*a))
     pipeline, params = FlaxBlipDiffusionPipeline.from_converted(converted_model, attention="blockwise")
     chunked = pipeline(*args, params=params, **common).images
     assert calls, "no feed-forward ran in chunks"

@@ -1,4 +1,4 @@
-"""Loading returns freed memory to the OS (blipdiff_jax.host_memory)."""
+"""Loading returns freed memory to the OS (blipdiff_jax.host_memory), once the application turned the tuning on."""
 
 import os
 import subprocess
@@ -37,7 +37,14 @@ def test_freed_heap_memory_goes_back_to_the_os():
     assert released > 150 * 2**20, f"released only {released / 2**20:.0f} MB of ~235 MB freed"
 
 
-def test_loading_a_converted_directory_releases_freed_memory(converted_model, tmp_path, monkeypatch):
+@pytest.fixture
+def tuned(monkeypatch):
+    """`tune_host_memory()` for one test, undone after it."""
+    monkeypatch.delenv(host_memory.OPT_OUT_ENV, raising=False)
+    monkeypatch.setitem(host_memory._tuning, "on", True)
+
+
+def test_loading_a_converted_directory_releases_freed_memory(converted_model, tmp_path, monkeypatch, tuned):
     directory = checkpoint.save_converted(converted_model, str(tmp_path / "flax"))
     calls = []
     monkeypatch.setattr(host_memory, "release_freed_memory", lambda: calls.append("trim") or True)
@@ -48,6 +55,20 @@ def test_loading_a_converted_directory_releases_freed_memory(converted_model, tm
     checkpoint.load_converted(directory)
     # Pinned low for the reads, raised for what follows (generation), then the heap trimmed.
     assert calls == [128 * 1024, "read", 32 * 2**20, ("keep", True), "trim"]
+
+
+def test_loading_leaves_the_heap_alone_until_tuning_is_asked_for(converted_model, tmp_path, monkeypatch):
+    directory = checkpoint.save_converted(converted_model, str(tmp_path / "flax"))
+    calls = []
+    monkeypatch.setattr(host_memory, "_glibc", lambda: calls.append("glibc"))
+    checkpoint.load_converted(directory)
+    assert calls == [] and not host_memory.host_memory_tuned()
+
+
+def test_tuning_is_refused_when_opted_out(monkeypatch):
+    monkeypatch.setitem(host_memory._tuning, "on", False)
+    monkeypatch.setenv(host_memory.OPT_OUT_ENV, "0")
+    assert host_memory.tune_host_memory() is False and not host_memory.host_memory_tuned()
 
 
 # One process per case: the threshold is process-wide. A freed 16 MiB block makes glibc raise its mmap
@@ -142,13 +163,12 @@ def test_scratch_is_kept_while_running_and_returned_while_compiling(monkeypatch)
     assert host_memory.keep_freed_scratch(True) is False
 
 
-def test_compiling_inside_the_scope_releases_freed_memory(monkeypatch):
+def test_compiling_inside_the_scope_releases_freed_memory(monkeypatch, tuned):
     """JAX still reports each compile (the event host_memory listens for), and only inside the scope does
-    the heap get trimmed, before the program runs."""
+    the heap get trimmed, before the program runs; outside it no listener of ours is registered."""
     import jax
     import jax.numpy as jnp
 
-    monkeypatch.delenv(host_memory.OPT_OUT_ENV, raising=False)
     if host_memory._glibc() is None:
         pytest.skip("no glibc malloc_trim on this platform: nothing to release")
     calls = []
@@ -169,9 +189,21 @@ def test_compiling_inside_the_scope_releases_freed_memory(monkeypatch):
     jax.jit(lambda x: x + 1)(jnp.float32(1.0))  # compiled outside the scope
     assert len(calls) == 3
     assert scoped._cache_size() == 1  # the jitted function's own attributes
+    assert not host_memory.listening_to_compiles()
 
 
-def test_compile_trimming_is_left_alone_when_asked(monkeypatch):
+def test_compiles_are_not_listened_to_without_tuning(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setitem(host_memory._tuning, "on", False)
+    heard = []
+    monkeypatch.setattr(host_memory, "_after_compile", lambda *args, **kwargs: heard.append(args))
+    host_memory.trimmed_after_compiling(jax.jit(lambda x: x * 5))(jnp.float32(1.0))
+    assert heard == [] and not host_memory.listening_to_compiles()
+
+
+def test_compile_trimming_is_left_alone_when_asked(monkeypatch, tuned):
     import jax
     import jax.numpy as jnp
 

@@ -1,5 +1,5 @@
 """Tracing skips flax's per-param initializer trace when a param has the shape its module asks for
-(blipdiff_jax/models/param_check.py), and still refuses params of the wrong shape."""
+(blipdiff_jax/runtime/param_check.py), and still refuses params of the wrong shape."""
 
 import sys
 
@@ -11,8 +11,8 @@ import pytest
 from flax.core.scope import Scope
 from flax.errors import ScopeParamShapeError
 
-from blipdiff_jax.models import param_check
-from blipdiff_jax.models.param_check import fast_param_check
+from blipdiff_jax.runtime import param_check
+from blipdiff_jax.runtime.param_check import fast_param_check
 
 
 @pytest.fixture

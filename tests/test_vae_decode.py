@@ -12,6 +12,7 @@ from blipdiff_jax.models import vae_decode
 from blipdiff_jax.models.conv import winograd_valid_3x3
 from blipdiff_jax.models.vae_decode import decode_in_strips
 from blipdiff_jax.pipelines import denoise
+from blipdiff_jax.runtime import Runtime
 from blipdiff_jax.tiny import vae_config
 
 TOLERANCE = 2e-5  # fp32 max abs on outputs of magnitude ~4: the same sums in another order
@@ -93,7 +94,7 @@ def test_pipelines_decode_in_strips_on_cpu_only(monkeypatch):
         return decode_in_strips(*args, **kwargs)
 
     monkeypatch.setattr(denoise, "decode_in_strips", counting)
-    images = denoise.decode_latents(vae, params, latents)
+    images = denoise.decode_latents(vae, params, latents, in_strips=Runtime.for_backend().decode_in_strips)
     expected_calls = [1] if jax.default_backend() == "cpu" else []
     assert calls == expected_calls
     expected = np.clip(_reference(vae, params, latents / vae.config.scaling_factor) / 2 + 0.5, 0, 1)

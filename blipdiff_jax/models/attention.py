@@ -15,9 +15,9 @@ Implementations ("auto" picks by backend):
 - "dot_product": `jax.nn.dot_product_attention` as XLA lowers it (default on TPU);
 - "xla": diffusers' own attention, untouched.
 
-On CPU, every choice but "xla" also runs the UNet's small convolutions as matmuls (models/conv.py) and its
-feed-forwards in chunks of rows (models/feed_forward.py): "xla" is diffusers' UNet exactly as shipped, the
-reference the other choices are tested against.
+The choice is the attention kernel only: the CPU rewrites of the UNet's other layers (models/cpu_rewrites.py)
+have their own switch, `cpu_rewrites=` (blipdiff_jax.runtime). "xla" with `cpu_rewrites=False` is diffusers'
+UNet exactly as shipped, the reference the other choices are tested against.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import jax.numpy as jnp
 from diffusers.models.attention_flax import FlaxAttention
 
 from . import bf16_matmul
-from .conv import matmul_conv, takes_matmul
-from .feed_forward import chunk_rows, chunked_feed_forward, halved_to_fit
+from .feed_forward import halved_to_fit
 
 IMPLEMENTATIONS = ("auto", "blockwise", "cudnn", "dot_product", "xla")
 FUSED_DTYPES = (jnp.float16, jnp.bfloat16)
@@ -44,11 +43,12 @@ FUSED_DTYPES = (jnp.float16, jnp.bfloat16)
 SCORES_PER_BLOCK = 4 * 2**20
 
 
-def resolve_implementation(implementation: str) -> str:
+def resolve_implementation(implementation: str, backend: str | None = None) -> str:
+    """The kernel `implementation` names; "auto" picks by `backend` (default: JAX's default backend)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention={implementation!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
     if implementation == "auto":
-        return {"cpu": "blockwise", "gpu": "cudnn"}.get(jax.default_backend(), "dot_product")
+        return {"cpu": "blockwise", "gpu": "cudnn"}.get(backend or jax.default_backend(), "dot_product")
     return implementation
 
 
@@ -142,39 +142,21 @@ def attend(module: FlaxAttention, hidden_states, context, implementation: str, b
 
 
 def attention_interceptor(implementation: str = "auto", block_size: int | None = None):
-    """An interceptor for `nn.intercept_methods` that runs every `FlaxAttention` with `implementation` (and,
-    on CPU, small convolutions as matmuls, the feed-forwards in chunks of rows (models/feed_forward.py), and in
-    bf16 every `nn.Dense` and stride-1 convolution as a bf16 product, models/bf16_matmul.py); None for "xla"
-    (nothing to intercept)."""
+    """An interceptor for `nn.intercept_methods` that runs every `FlaxAttention` with `implementation` and
+    every other call as it is; None for "xla" (nothing to intercept)."""
     implementation = resolve_implementation(implementation)
     if implementation == "xla":
         return None
-    matmul_convs = jax.default_backend() == "cpu"
 
     def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__":
+        if context.method_name != "__call__" or not isinstance(context.module, FlaxAttention):
             return next_fun(*args, **kwargs)
-        if bf16_matmul.takes_dense(context.module):  # bf16 on CPU: the product on bf16 operands
-            return bf16_matmul.dense(context.module, args[0] if args else kwargs["inputs"])
-        if matmul_convs:  # the feed-forward in chunks of rows (models/feed_forward.py)
-            deterministic = args[1] if len(args) > 1 else kwargs.get("deterministic", True)
-            rows = chunk_rows(context.module, args[0] if args else None, deterministic)
-            if rows:
-                return chunked_feed_forward(context.module, args[0], rows)
-        if matmul_convs and isinstance(context.module, nn.Conv):
-            inputs = args[0] if args else kwargs.get("inputs")
-            if takes_matmul(context.module, inputs):  # False for inputs None (not an array)
-                return matmul_conv(context.module, inputs)
-            return next_fun(*args, **kwargs)
-        if not isinstance(context.module, FlaxAttention):
-            return next_fun(*args, **kwargs)
-        hidden_states = args[0]
         encoder = args[1] if len(args) > 1 else kwargs.get("context")
-        return attend(context.module, hidden_states, encoder, implementation, block_size)
+        return attend(context.module, args[0], encoder, implementation, block_size)
 
     return interceptor
 
 
 def intercept_attention(interceptor):
-    """A context in which the UNet/ControlNet attentions run `interceptor` (nothing changes for None)."""
+    """A context in which the UNet/ControlNet layers run `interceptor` (nothing changes for None)."""
     return contextlib.nullcontext() if interceptor is None else nn.intercept_methods(interceptor)

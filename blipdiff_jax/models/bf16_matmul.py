@@ -9,8 +9,8 @@ exact in fp32 and both forms sum in fp32, so the results differ by summation ord
 
 So, where a layer computes in bf16 on CPU, its products run here: `nn.Dense` as `dense`, stride-1
 convolutions as three products over a column-tap copy (models/conv.py), attention's two products in
-attention.py; inside `bf16_products()` (the text encoder, the Q-Former, the inversion's VAE encoder) and the
-UNet's attention interceptor. Also: XLA's CPU backend upcasts a bf16 `concatenate` to fp32 (a 9-tap im2col of
+attention.py; swapped in by the interceptors of cpu_rewrites.py (the text encoder, the Q-Former, the
+inversion's VAE encoder, the UNet). Also: XLA's CPU backend upcasts a bf16 `concatenate` to fp32 (a 9-tap im2col of
 a 64x64x960 activation became a 283 MB fp32 array and a convert back); `concatenate` moves the bits as uint16
 instead. Products have their own VJP, so the backward products take bf16 operands too.
 """
@@ -102,25 +102,3 @@ def concatenate(arrays, axis: int):
     """`jnp.concatenate` of bf16 arrays without XLA's CPU round trip through fp32 (differentiable)."""
     axis = axis % arrays[0].ndim
     return _concatenate_bits(tuple(arrays), axis, tuple(x.shape[axis] for x in arrays))
-
-
-def interceptor(next_fun, args, kwargs, context):
-    """For `nn.intercept_methods`: bf16 `nn.Dense` layers and stride-1 convolutions on CPU as bf16 products
-    (`dense`, models/conv.py's `matmul_conv`); every other call as it is."""
-    from .conv import matmul_conv, takes_matmul  # conv.py imports this module
-
-    module = context.module
-    if context.method_name == "__call__" and runs_bf16_matmuls(getattr(module, "dtype", None)):
-        inputs = args[0] if args else kwargs.get("inputs")
-        if takes_dense(module):
-            return dense(module, inputs)
-        if isinstance(module, nn.Conv) and takes_matmul(module, inputs):
-            return matmul_conv(module, inputs)
-    return next_fun(*args, **kwargs)
-
-
-def bf16_products():
-    """A context in which the layers of the models applied inside compute as `interceptor` says: around the
-    text encoder, the Q-Former and the inversion's VAE encoder (the UNet's interceptor in models/attention.py
-    does the same). The pipelines leave the VAE decoder out: see `_generate_traced`."""
-    return nn.intercept_methods(interceptor)

@@ -52,8 +52,9 @@ def denoise(
     unet_residuals(latent_input, timestep, step) -> dict of extra UNet kwargs (ControlNet residuals).
     attention_control(step) -> a `flax.linen.intercept_methods` interceptor for the UNet's attentions; the
         collections it sows are handed to `after_step`.
-    attention: an interceptor that swaps the kernel of every attention the UNet and ControlNet run (see
-        `models/attention.py`); attention layers the controller leaves alone fall through to it.
+    attention: the interceptor the UNet's and ControlNet's layers run (`Runtime.unet_interceptor`: the
+        attention kernel and, on CPU, the layer rewrites); attention layers the controller leaves alone fall
+        through to it.
     combine_guidance(uncond, cond, guidance_scale) -> noise, replacing plain classifier-free guidance.
     after_step(latents, aux, collections, step) -> (latents, aux): a latents hook (LocalBlend), with a carry.
     progress(step): a host function told of each finished step (`jax.debug.callback`, unordered, so the
@@ -144,14 +145,13 @@ def check_finite(result: dict, num_steps: int) -> None:
         raise FloatingPointError("non-finite values in the VAE decoder output")
 
 
-def decode_latents(vae, vae_params, latents, in_strips: bool | None = None):
+def decode_latents(vae, vae_params, latents, in_strips: bool):
     """VAE latents (B, C, h, w) -> images (B, H, W, 3) in [0, 1].
 
     in_strips: run the full-resolution layers in row strips (`models/vae_decode.py`: the same image with
-    40% of the temporaries); by default on CPU, where the decoder set the peak memory of a generation."""
+    40% of the temporaries); `Runtime.decode_in_strips` says when (a CPU rewrite: there the decoder set the
+    peak memory of a generation)."""
     latents = latents / vae.config.scaling_factor
-    if in_strips is None:
-        in_strips = jax.default_backend() == "cpu"
     if in_strips:
         image = decode_in_strips(vae, vae_params, latents)
     else:

@@ -18,14 +18,9 @@ import numpy as np
 from jax import lax
 from PIL import Image
 
-from ..compilation import compiler_options
-from ..host_memory import trimmed_after_compiling
 from ..image_processing import load_image, numpy_to_pil
-from ..models.attention import intercept_attention
-from ..models.bf16_matmul import bf16_products
-from ..models.block_traces import traced_once_per_block
 from ..models.context_clip import encode_contexts
-from ..models.param_check import traced_with_fast_param_check
+from ..runtime.quiet import quiet_flax_notices
 from .attention_control import (
     PLACEHOLDER,
     EditStatic,
@@ -37,7 +32,7 @@ from .attention_control import (
     replacement_mapper,
     schedule_arrays,
 )
-from .denoise import check_finite, decode_latents, denoise
+from .denoise import check_finite, denoise
 from .inputs import as_list, as_prng_key
 
 # LAVIS builds its DDIM scheduler (inversion, real-image edits) from Stable Diffusion 1.5's scheduler config.
@@ -90,11 +85,9 @@ class EditingMixin:
     def _edit_ddim(self):
         from diffusers import FlaxDDIMScheduler
 
-        from .._quiet import silence_flax_deprecation
-
         if getattr(self, "_lavis_ddim", None) is None:
-            self._lavis_ddim = FlaxDDIMScheduler.from_config(LAVIS_DDIM_CONFIG)
-            silence_flax_deprecation()
+            with quiet_flax_notices():
+                self._lavis_ddim = FlaxDDIMScheduler.from_config(LAVIS_DDIM_CONFIG)
         return self._lavis_ddim
 
     def control_pixels(self, height: int, width: int) -> int:
@@ -189,9 +182,9 @@ class EditingMixin:
 
     def _edit_program(self, params, scheduler_state, tokens, subject_embeds, latents, arrays, guidance_scale,
                       num_inference_steps, do_cfg, static, real_image):
-        # bf16 on CPU: the text encoder's and the UNet's products on bf16 operands (models/bf16_matmul.py); the
-        # decoder as in generation (see _generate_traced)
-        with bf16_products():
+        # bf16 on CPU: the text encoder's products on bf16 operands (models/bf16_matmul.py); the decoder as in
+        # generation (see _generate_traced). No block traces: the controller sees each attention in place.
+        with self.runtime.tracing(repeated_blocks=False):
             carry = self._edit_start_traced(params, scheduler_state, tokens, subject_embeds, latents, num_inference_steps,
                                             do_cfg, real_image, static.control_pixels)
             carry = self._edit_steps_traced(params, arrays, guidance_scale, carry, 0, carry["state"].timesteps.shape[0],
@@ -200,18 +193,18 @@ class EditingMixin:
 
     def _edit_start_program(self, params, scheduler_state, tokens, subject_embeds, latents, num_inference_steps, do_cfg,
                             real_image, control_pixels):
-        with bf16_products():
+        with self.runtime.tracing(repeated_blocks=False):
             return self._edit_start_traced(params, scheduler_state, tokens, subject_embeds, latents, num_inference_steps,
                                            do_cfg, real_image, control_pixels)
 
     def _edit_steps_program(self, params, arrays, guidance_scale, carry, start, stop, do_cfg, static, real_image):
-        with bf16_products():
+        with self.runtime.tracing(repeated_blocks=False):
             return self._edit_steps_traced(params, arrays, guidance_scale, carry, start, stop, do_cfg, static, real_image)
 
     def _edit_finish_program(self, params, carry):
         return {"context_finite": jnp.all(jnp.isfinite(carry["context"])),
                 "first_nonfinite_step": carry["first_nonfinite_step"],
-                "images": decode_latents(self.vae, params["vae"], carry["latents"])}
+                "images": self._decode(params, carry["latents"])}
 
     def _edit_start_traced(self, params, scheduler_state, tokens, subject_embeds, latents, num_inference_steps, do_cfg,
                            real_image, control_pixels):
@@ -249,7 +242,7 @@ class EditingMixin:
             latents=carry["latents"], context=carry["context"], guidance_scale=guidance_scale,
             num_inference_steps=carry["state"].timesteps.shape[0], do_classifier_free_guidance=do_cfg,
             attention_control=lambda step: make_interceptor(static, arrays, step, guided=do_cfg),
-            attention=self._attention,
+            attention=self.runtime.unet_interceptor,
             combine_guidance=combine, after_step=after_step, aux=carry["aux"],
             steps=(start, stop), first_nonfinite_step=carry["first_nonfinite_step"],
         )
@@ -258,16 +251,16 @@ class EditingMixin:
 
     def _invert_program(self, params, scheduler_state, image, ids, num_inference_steps):
         """VAE posterior mean of `image`, then DDIM inversion (LAVIS `_ddim_inverse`, guidance 1)."""
-        with traced_once_per_block(), bf16_products():  # no attention control in the inversion (block_traces.py)
+        with self.runtime.tracing():  # no attention control in the inversion: blocks traced once
             carry = self._invert_start_traced(params, scheduler_state, image, ids, num_inference_steps)
             return self._invert_steps_traced(params, carry, 0, num_inference_steps, num_inference_steps)["latents"]
 
     def _invert_start_program(self, params, scheduler_state, image, ids, num_inference_steps):
-        with traced_once_per_block(), bf16_products():
+        with self.runtime.tracing():
             return self._invert_start_traced(params, scheduler_state, image, ids, num_inference_steps)
 
     def _invert_steps_program(self, params, carry, start, stop, num_inference_steps):
-        with traced_once_per_block(), bf16_products():
+        with self.runtime.tracing():
             return self._invert_steps_traced(params, carry, start, stop, num_inference_steps)
 
     def _invert_start_traced(self, params, scheduler_state, image, ids, num_inference_steps):
@@ -286,7 +279,7 @@ class EditingMixin:
 
         def body(i, x):
             t = timesteps[i]
-            with intercept_attention(self._attention):
+            with self.runtime.unet_layers():
                 eps = self.unet.apply({"params": params["unet"]}, x, jnp.broadcast_to(t, (x.shape[0],)), context).sample
             prev = t - stride
             a_from = jnp.where(prev >= 0, alphas[jnp.maximum(prev, 0)], state.final_alpha_cumprod)
@@ -311,9 +304,7 @@ class EditingMixin:
         cache = self.__dict__.setdefault("_edit_jits", {})
         if name not in cache:
             function, static = self._PROGRAMS[name]
-            jitted = jax.jit(traced_with_fast_param_check(getattr(self, function)), static_argnames=static,
-                             compiler_options=compiler_options())  # CPU convolutions on Eigen (compilation.py)
-            cache[name] = trimmed_after_compiling(jitted)
+            cache[name] = self.runtime.jit(getattr(self, function), static_argnames=static)
         return cache[name]
 
     # ---------------------------------------------------------------- public API

@@ -21,22 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import compilation, components
-from .._quiet import silence_flax_deprecation
 from ..checkpoint import ConvertedModel, is_converted_directory, load_converted
-from ..host_memory import releasing_after_compiles, trimmed_after_compiling
 from ..image_processing import numpy_to_pil, preprocess_reference
-from ..models.attention import attention_interceptor, resolve_implementation
-from ..models.bf16_matmul import bf16_products
-from ..models.block_traces import traced_once_per_block
+from ..models.attention import resolve_implementation
 from ..models.context_clip import encode_contexts
-from ..models.param_check import traced_with_fast_param_check as _fast_check
+from ..runtime import Runtime
+from ..runtime.quiet import quiet_flax_notices
 from .denoise import check_finite, decode_latents, denoise
 from .editing import EditingMixin
 from .inputs import as_list as _as_list
 from .inputs import as_prng_key
 from .inputs import broadcast as _broadcast
-
-silence_flax_deprecation()
 
 OUTPUT_TYPES = ("pil", "np")
 MAX_SIDE = 4096  # documented maximum height/width in pixels
@@ -65,8 +60,8 @@ def scheduler_from_config(config: dict):
     cls = getattr(diffusers, name if name.startswith("Flax") else "Flax" + name, None)
     if cls is None:
         raise ValueError(f"scheduler: no Flax scheduler for {name!r}")
-    silence_flax_deprecation()
-    return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    with quiet_flax_notices():
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
 # diffusers' Flax LMS step integrates its coefficients with scipy and grows its state every step: it
@@ -94,13 +89,14 @@ def _advise_memory_aware_scheduler(dtype) -> None:
 
 
 class FlaxBlipDiffusionPipeline(EditingMixin):
-    def __init__(self, model: ConvertedModel, *, dtype=jnp.float32, scheduler=None, attention: str = "auto"):
+    def __init__(self, model: ConvertedModel, *, dtype=jnp.float32, scheduler=None, attention: str = "auto",
+                 cpu_rewrites: bool | None = None):
         self.dtype = dtype
         _advise_memory_aware_scheduler(dtype)
-        # The attention kernel every UNet/ControlNet attention runs (models/attention.py); fixed at construction
-        # because the compiled programs bake it in.
-        self.attention = resolve_implementation(attention)
-        self._attention = attention_interceptor(self.attention)
+        # How the programs are compiled and traced on this backend, with the attention kernel every UNet/ControlNet
+        # attention runs (blipdiff_jax.runtime); fixed at construction because the compiled programs bake it in.
+        self.runtime = Runtime.for_backend(attention, cpu_rewrites)
+        self.attention = self.runtime.attention
         self.configs = model.configs
         self.tokenizer = model.tokenizer
         self.qformer_tokenizer = model.qformer_tokenizer
@@ -121,26 +117,18 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         # Latent size as the PyTorch pipeline computes it (from the UNet), and what the Flax UNet can divide.
         self.latent_factor = 2 ** (len(self.unet.block_out_channels) - 1)
         self.size_multiple = self.latent_factor * 2 ** (len(self.unet.block_out_channels) - 1)
-        # On CPU, convolutions run on XLA's Eigen kernel, not YNNPACK (compilation.compiler_options).
-        options = compilation.compiler_options()
-        self._encode_subject = trimmed_after_compiling(jax.jit(_fast_check(self._encode_subject_fn), compiler_options=options))
+        jit = self.runtime.jit
+        self._encode_subject = jit(self._encode_subject_fn)
         # One program per (shapes, steps, guidance on/off); `batch` leaves are split over devices by pmap.
-        # Both hand the compiler's freed memory back to the OS before the program runs (host_memory.py).
-        self._generate_jit = trimmed_after_compiling(
-            jax.jit(_fast_check(self._generate), static_argnames=("num_inference_steps", "do_cfg", "progress"),
-                    compiler_options=options))
-        self._generate_pmap = trimmed_after_compiling(jax.pmap(
-            _fast_check(self._generate), in_axes=(0, 0, None, None, None, None, None), static_broadcasted_argnums=(4, 5, 6)
-        ))
+        self._generate_jit = jit(self._generate, static_argnames=("num_inference_steps", "do_cfg", "progress"))
+        self._generate_pmap = self.runtime.pmap(self._generate, in_axes=(0, 0, None, None, None, None, None),
+                                                static_broadcasted_argnums=(4, 5, 6))
         # With a progress bar (one device or a mesh): the same generation as three programs without host
         # callbacks, so that JAX's persistent cache stores them: encoding, a chunk of denoising steps (run once
         # per step, the bar advancing in between), decoding.
-        self._generate_start_jit = trimmed_after_compiling(jax.jit(
-            _fast_check(self._generate_start), static_argnames=("num_inference_steps", "do_cfg"), compiler_options=options))
-        self._generate_steps_jit = trimmed_after_compiling(jax.jit(
-            _fast_check(self._generate_steps), static_argnames=("do_cfg",), compiler_options=options))
-        self._generate_finish_jit = trimmed_after_compiling(jax.jit(
-            _fast_check(self._generate_finish), compiler_options=options))
+        self._generate_start_jit = jit(self._generate_start, static_argnames=("num_inference_steps", "do_cfg"))
+        self._generate_steps_jit = jit(self._generate_steps, static_argnames=("do_cfg",))
+        self._generate_finish_jit = jit(self._generate_finish)
         self._progress_bar = None
 
     # ------------------------------------------------------------------ loading
@@ -154,6 +142,7 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         scheduler=None,
         qformer_tokenizer: str | None = None,
         attention: str = "auto",
+        cpu_rewrites: bool | None = None,
         **kwargs,
     ):
         """Returns `(pipeline, params)`. `path`: a converted directory (`python -m convert`); with
@@ -161,8 +150,8 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         or a Hub id such as "Salesforce/blipdiffusion", downloaded, converted once and cached.
         `attention`: "auto" (blockwise on CPU, cuDNN's fused kernel on GPU, `jax.nn.dot_product_attention`
         on TPU), "blockwise", "cudnn", "dot_product", or "xla" (diffusers' UNet untouched); on CPU every
-        choice but "xla" also runs the UNet's small convolutions as matmuls. See `blipdiff_jax.models.attention`
-        and `blipdiff_jax.models.conv`."""
+        `cpu_rewrites`: on CPU, the layer rewrites of `blipdiff_jax.models.cpu_rewrites` and the decoder in
+        strips (None: on unless BLIPDIFF_JAX_CPU_REWRITES=0; ignored elsewhere). See `blipdiff_jax.runtime`."""
         resolve_implementation(attention)  # a bad value fails before anything is loaded
         path = cls._resolve(path, qformer_tokenizer)
         if from_pt and not is_converted_directory(path):
@@ -178,7 +167,7 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             if not is_converted_directory(path) and os.path.isfile(os.path.join(path, "unet", "config.json")):
                 raise ValueError(f"path: {path!r} is a PyTorch (diffusers) directory; pass from_pt=True or convert it first")
             model = load_converted(path, dtype=dtype)
-        return cls.from_converted(model, dtype=dtype, scheduler=scheduler, attention=attention)
+        return cls.from_converted(model, dtype=dtype, scheduler=scheduler, attention=attention, cpu_rewrites=cpu_rewrites)
 
     @staticmethod
     def _resolve(path, qformer_tokenizer=None) -> str:
@@ -190,8 +179,9 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         return resolve_hub_model(path, qformer_tokenizer=qformer_tokenizer) if is_hub_id(path) else path
 
     @classmethod
-    def from_converted(cls, model: ConvertedModel, dtype=jnp.float32, scheduler=None, attention: str = "auto"):
-        pipeline = cls(model, dtype=dtype, scheduler=scheduler, attention=attention)
+    def from_converted(cls, model: ConvertedModel, dtype=jnp.float32, scheduler=None, attention: str = "auto",
+                       cpu_rewrites: bool | None = None):
+        pipeline = cls(model, dtype=dtype, scheduler=scheduler, attention=attention, cpu_rewrites=cpu_rewrites)
         params = {name: components.cast_params(model.params[name], dtype) for name in ("qformer", "text_encoder", "unet", "vae")}
         params["scheduler"] = pipeline.scheduler.create_state()
         return pipeline, params
@@ -206,7 +196,7 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
     # ------------------------------------------------------------------ subject embeddings
 
     def _encode_subject_fn(self, qformer_params, input_ids, attention_mask, pixel_values):
-        with traced_once_per_block(), bf16_products():
+        with self.runtime.tracing():
             return self.qformer.apply({"params": qformer_params}, input_ids, attention_mask, pixel_values)
 
     def encode_subject(self, reference_image, source_subject_category, params, ratio=None):
@@ -321,16 +311,16 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         batch: per-example arrays (split over devices): prompt_ids, uncond_ids, subject_embeds, latents and,
         for ControlNet, control_image (B, 3, H, W). scalars: guidance_scale (and control_scale).
         """
-        with traced_once_per_block():  # no attention control here (models/block_traces.py)
-            return self._generate_traced(params, batch, scalars, rng, num_inference_steps, do_cfg, progress)
+        return self._generate_traced(params, batch, scalars, rng, num_inference_steps, do_cfg, progress)
 
     def _generate_traced(self, params, batch, scalars, rng, num_inference_steps, do_cfg, progress):
-        # bf16 on CPU: the text encoder's and the UNet's products on bf16 operands (models/bf16_matmul.py). Not
-        # the decoder's: in bf16 products it decodes a 512 image in 7.8 s instead of 15.0, but compiling it
-        # takes 0.14 GiB more, and a cold bf16 512 generation then peaked at 4.18-4.22 GiB (target 4.19).
-        with bf16_products():
+        # bf16 on CPU: the text encoder's products on bf16 operands (models/bf16_matmul.py). Not the decoder's:
+        # in bf16 products it decodes a 512 image in 7.8 s instead of 15.0, but compiling it takes 0.14 GiB
+        # more, and a cold bf16 512 generation then peaked at 4.18-4.22 GiB (target 4.19).
+        with self.runtime.tracing():
             context, result = self._encode_and_denoise(params, batch, scalars, rng, num_inference_steps, do_cfg, progress)
-        images = decode_latents(self.vae, params["vae"], result.latents)
+        with self.runtime.tracing(bf16_products=False):
+            images = self._decode(params, result.latents)
         return {"images": images, "context_finite": jnp.all(jnp.isfinite(context)),
                 "first_nonfinite_step": result.first_nonfinite_step}
 
@@ -363,28 +353,31 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             do_classifier_free_guidance=do_cfg,
             rng=rng,
             unet_residuals=self._unet_residuals(params, batch, scalars, context, do_cfg),
-            attention=self._attention,
+            attention=self.runtime.unet_interceptor,
             **kwargs,
         )
+
+    def _decode(self, params, latents):
+        return decode_latents(self.vae, params["vae"], latents, in_strips=self.runtime.decode_in_strips)
 
     # The generation in three programs (progress bar without host callbacks; see __init__).
 
     def _generate_start(self, params, batch, num_inference_steps, do_cfg):
-        with traced_once_per_block(), bf16_products():
+        with self.runtime.tracing():
             context, latents, state = self._prepare(params, batch, num_inference_steps, do_cfg)
         return {"context": context, "latents": latents, "state": state, "first_nonfinite_step": jnp.array(-1, jnp.int32)}
 
     def _generate_steps(self, params, batch, scalars, rng, carry, start, stop, do_cfg):
         """Denoising steps start..stop-1 (traced: one program for every chunk) from `carry`."""
-        with traced_once_per_block(), bf16_products():
+        with self.runtime.tracing():
             result = self._denoise(params, batch, scalars, rng, carry["context"], carry["latents"], carry["state"], stop,
                                    do_cfg, steps=(start, stop), first_nonfinite_step=carry["first_nonfinite_step"])
         return {**carry, "latents": result.latents, "state": result.scheduler_state,
                 "first_nonfinite_step": result.first_nonfinite_step}
 
     def _generate_finish(self, params, carry):
-        with traced_once_per_block():
-            images = decode_latents(self.vae, params["vae"], carry["latents"])
+        with self.runtime.tracing(bf16_products=False):
+            images = self._decode(params, carry["latents"])
         return {"images": images, "context_finite": jnp.all(jnp.isfinite(carry["context"])),
                 "first_nonfinite_step": carry["first_nonfinite_step"]}
 
@@ -406,7 +399,7 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
             carry = run_step(carry, np.int32(step), np.int32(step + 1))
             if step == 0:
                 if before_clock is not None:
-                    with releasing_after_compiles():  # as the jitted calls' compiles (host_memory.py)
+                    with self.runtime.compiling():  # as the jitted calls' compiles
                         before_clock(carry)
                 self._on_step(-1)
             finished.append(carry["latents"])

@@ -23,16 +23,18 @@ _NO_CONTROLNET_EDITING = ("{}: ControlNet-guided editing is not supported; load 
 
 
 class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
-    def __init__(self, model, *, dtype=jnp.float32, scheduler=None, attention: str = "auto"):
+    def __init__(self, model, *, dtype=jnp.float32, scheduler=None, attention: str = "auto",
+                 cpu_rewrites: bool | None = None):
         if "controlnet" not in model.params:
             raise ValueError("controlnet: this model has no controlnet/ component; pass controlnet=PATH "
                              "(an SD 1.5 ControlNet directory)")
-        super().__init__(model, dtype=dtype, scheduler=scheduler, attention=attention)
+        super().__init__(model, dtype=dtype, scheduler=scheduler, attention=attention, cpu_rewrites=cpu_rewrites)
         self.controlnet = components.build_model("controlnet", model.configs["controlnet"], dtype)
 
     @classmethod
     def from_pretrained(cls, path, from_pt: bool = False, dtype=jnp.float32, scheduler=None,
-                        qformer_tokenizer=None, controlnet: str | None = None, attention: str = "auto", **kwargs):
+                        qformer_tokenizer=None, controlnet: str | None = None, attention: str = "auto",
+                        cpu_rewrites: bool | None = None, **kwargs):
         """`path` with a `controlnet/` folder (like the Hub's `Salesforce/blipdiffusion-controlnet`), or a base
         model plus `controlnet=PATH`, any SD 1.5 ControlNet directory in diffusers' PyTorch layout."""
         resolve_implementation(attention)
@@ -42,7 +44,7 @@ class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
         if from_pt and not is_converted_directory(path):
             return super().from_pretrained(path, from_pt=True, dtype=dtype, scheduler=scheduler,
                                            qformer_tokenizer=qformer_tokenizer, controlnet=controlnet,
-                                           attention=attention, **kwargs)
+                                           attention=attention, cpu_rewrites=cpu_rewrites, **kwargs)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"path: model directory {path!r} does not exist")
         model = load_converted(os.fspath(path), dtype=dtype)
@@ -50,11 +52,13 @@ class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
             from convert.pytorch_dir import read_controlnet
 
             model.configs["controlnet"], model.params["controlnet"] = read_controlnet(controlnet)
-        return cls.from_converted(model, dtype=dtype, scheduler=scheduler, attention=attention)
+        return cls.from_converted(model, dtype=dtype, scheduler=scheduler, attention=attention, cpu_rewrites=cpu_rewrites)
 
     @classmethod
-    def from_converted(cls, model, dtype=jnp.float32, scheduler=None, attention: str = "auto"):
-        pipeline, params = super().from_converted(model, dtype=dtype, scheduler=scheduler, attention=attention)
+    def from_converted(cls, model, dtype=jnp.float32, scheduler=None, attention: str = "auto",
+                       cpu_rewrites: bool | None = None):
+        pipeline, params = super().from_converted(model, dtype=dtype, scheduler=scheduler, attention=attention,
+                                                  cpu_rewrites=cpu_rewrites)
         params["controlnet"] = components.cast_params(model.params["controlnet"], dtype)
         return pipeline, params
 

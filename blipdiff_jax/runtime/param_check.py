@@ -7,6 +7,9 @@ when the compiled program comes from the persistent cache. Nearly every initiali
 `init(key, shape, dtype)`: when the stored param has exactly that `shape`, the module's settings match it and
 the check needs no tracing. Anything else (a different shape, boxed metadata, an initializer called another
 way) goes through flax's own check, which raises flax's own error.
+
+`Scope.param` is replaced only while our programs are traced (`fast_param_check`), and flax's own is bound
+back when the last tracing leaves; the flax code it stands in for is pinned (runtime/pinned.py).
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ def _param(self, name, init_fn, *init_args, unbox: bool = True, **init_kwargs):
 
 @contextlib.contextmanager
 def fast_param_check():
-    """While active (process-wide, re-entrant), existing params whose shape is the one their module asks
-    for are returned without tracing their initializer."""
+    """While active (re-entrant; process-wide, as a class attribute is), existing params whose shape is the
+    one their module asks for are returned without tracing their initializer."""
     global _depth
     with _lock:
         _depth += 1

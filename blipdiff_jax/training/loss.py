@@ -14,17 +14,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from .. import components
-from .._quiet import silence_flax_deprecation
-from ..models.attention import attention_interceptor, intercept_attention
-
-# The UNet blocks wrapped in `nn.remat` when remat=True (diffusers' gradient checkpointing granularity).
-_UNET_BLOCKS = ("FlaxCrossAttnDownBlock2D", "FlaxDownBlock2D", "FlaxUNetMidBlock2DCrossAttn",
-                "FlaxCrossAttnUpBlock2D", "FlaxUpBlock2D")
+from ..runtime import Runtime
+from ..runtime.quiet import quiet_flax_notices
+from ..runtime.remat import remat_unet_blocks
 
 
 def ddpm_scheduler(config: dict, dtype=jnp.float32):
@@ -33,34 +29,18 @@ def ddpm_scheduler(config: dict, dtype=jnp.float32):
     from diffusers import FlaxDDPMScheduler
 
     accepted = set(inspect.signature(FlaxDDPMScheduler.__init__).parameters) - {"self", "dtype"}
-    scheduler = FlaxDDPMScheduler.from_config({k: v for k, v in config.items() if k in accepted}, dtype=dtype)
-    silence_flax_deprecation()
-    return scheduler
-
-
-@contextlib.contextmanager
-def _remat_unet_blocks():
-    """While the UNet's `setup` runs, its block classes are their `nn.remat` versions: each block's
-    activations are recomputed in the backward pass instead of being kept (the parameter tree is unchanged).
-    Only active while tracing (setup runs inside `apply`)."""
-    from diffusers.models.unets import unet_2d_condition_flax as module
-
-    saved = {name: getattr(module, name) for name in _UNET_BLOCKS}
-    try:
-        for name, cls in saved.items():
-            setattr(module, name, nn.remat(cls))
-        yield
-    finally:
-        for name, cls in saved.items():
-            setattr(module, name, cls)
+    with quiet_flax_notices():
+        return FlaxDDPMScheduler.from_config({k: v for k, v in config.items() if k in accepted}, dtype=dtype)
 
 
 class DiffusionLoss:
     """Pure loss over `trainable` = {"unet", "subject_embeddings", ["text_encoder"]} and `frozen` = {"vae",
-    ["text_encoder"]}. Modules compute in `compute_dtype` (fp32 master weights are cast by Flax inside)."""
+    ["text_encoder"]}. Modules compute in `compute_dtype` (fp32 master weights are cast by Flax inside).
+    `runtime`: how its step is compiled and traced (blipdiff_jax.runtime): blockwise attention on CPU keeps no
+    (queries x keys) activations."""
 
     def __init__(self, configs: dict, ctx_begin_pos: int, compute_dtype=jnp.float32, remat: bool = False,
-                 attention: str = "auto"):
+                 attention: str = "auto", cpu_rewrites: bool | None = None):
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.loss_dtype = jnp.promote_types(self.compute_dtype, jnp.float32)  # noise, schedule and loss: >= fp32
         self.unet = components.build_model("unet", configs["unet"], self.compute_dtype)
@@ -72,17 +52,14 @@ class DiffusionLoss:
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.ctx_begin_pos = int(ctx_begin_pos)
         self.remat = bool(remat)
-        self.attention = attention_interceptor(attention)  # blockwise on CPU: no (queries x keys) activations kept
+        self.runtime = Runtime.for_backend(attention, cpu_rewrites)
 
     def _unet(self, params, noisy, timesteps, context):
         def apply(params, noisy, timesteps, context):
             return self.unet.apply({"params": params}, noisy, timesteps, context).sample
 
-        with intercept_attention(self.attention):
-            if not self.remat:
-                return apply(params, noisy, timesteps, context)
-            with _remat_unet_blocks():
-                return apply(params, noisy, timesteps, context)
+        with self.runtime.unet_layers(), remat_unet_blocks() if self.remat else contextlib.nullcontext():
+            return apply(params, noisy, timesteps, context)
 
     def text_embeddings(self, text_params, input_ids, subject_embeddings, batch: int):
         ids = jnp.broadcast_to(input_ids, (batch, input_ids.shape[-1]))

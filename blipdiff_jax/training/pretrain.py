@@ -34,10 +34,7 @@ import numpy as np
 import optax
 
 from ..checkpoint import ConvertedModel
-from ..compilation import compiler_options
-from ..host_memory import trimmed_after_compiling
 from ..models.context_clip import encode_contexts
-from ..models.param_check import traced_with_fast_param_check
 from .config import check_ints
 from .export import write_converted_into
 from .loss import DiffusionLoss
@@ -219,8 +216,7 @@ def make_pretrain_step(loss: PretrainLoss, optimizer, caption_dropout: float, su
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, value
 
-    return trimmed_after_compiling(jax.jit(traced_with_fast_param_check(step), donate_argnums=(0, 1),
-                                           compiler_options=compiler_options()))
+    return loss.runtime.jit(step, donate_argnums=(0, 1))
 
 
 def cached_pretrain_step(configs: dict, ctx_begin_pos: int, config: PretrainConfig):

@@ -37,9 +37,6 @@ import numpy as np
 import optax
 
 from ..checkpoint import ConvertedModel
-from ..compilation import compiler_options
-from ..host_memory import trimmed_after_compiling
-from ..models.param_check import traced_with_fast_param_check
 from . import checkpoints, data
 from .config import FinetuneConfig
 from .export import write_converted_into
@@ -64,9 +61,7 @@ def make_train_step(loss: DiffusionLoss, optimizer):
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, value
 
-    # On CPU, convolutions and their gradients run on XLA's Eigen kernel, not YNNPACK (compilation.py).
-    return trimmed_after_compiling(jax.jit(traced_with_fast_param_check(step), donate_argnums=(0, 1),
-                                           compiler_options=compiler_options()))
+    return loss.runtime.jit(step, donate_argnums=(0, 1))
 
 
 _STEP_CACHE: dict = {}  # one compiled step per model configuration and settings (trainers of the same model share it)
