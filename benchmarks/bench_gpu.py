@@ -147,12 +147,12 @@ def unet_step_fn(pipeline, implementation: str, loop_steps: int = 0):
     (what the denoising loop does, without the host dispatching every step)."""
     import jax
 
-    from blipdiff_jax.models.attention import attention_interceptor, intercept_attention
+    from blipdiff_jax.runtime import Runtime
 
-    interceptor = attention_interceptor(implementation)
+    runtime = Runtime.for_backend(implementation)
 
     def step(p, x, t, c):
-        with intercept_attention(interceptor):
+        with runtime.unet_layers():
             return pipeline.unet.apply({"params": p}, x, t, c).sample
 
     if loop_steps:
@@ -269,7 +269,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny test architecture (checks the script)")
     args = parser.parse_args()
     deadline = time.perf_counter() + args.budget
-    import blipdiff_jax  # noqa: F401  (silences the Flax deprecation lines before diffusers is imported)
+    import blipdiff_jax
+
+    blipdiff_jax.tune_host_memory()  # the glibc tuning the CLI turns on (blipdiff_jax/host_memory.py)
     import jax.numpy as jnp
     import numpy as np
     import torch

@@ -170,6 +170,7 @@ def run_jax(model_dir: str, sizes: list[int], steps: int, long_steps: int, cache
             repeats: int = 1) -> dict:
     import blipdiff_jax
 
+    blipdiff_jax.tune_host_memory()  # the glibc tuning the CLI turns on (blipdiff_jax/host_memory.py)
     if dtype != "float32":  # bf16 on CPU: XLA's memory-aware scheduler (blipdiff_jax/compilation.py)
         blipdiff_jax.prefer_memory_on_cpu()
     import jax

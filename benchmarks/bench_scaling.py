@@ -36,8 +36,9 @@ def main() -> None:
     import numpy as np
     from jax.sharding import Mesh
 
-    from blipdiff_jax import FlaxBlipDiffusionPipeline, tiny
+    from blipdiff_jax import FlaxBlipDiffusionPipeline, tiny, tune_host_memory
 
+    tune_host_memory()  # the glibc tuning the CLI turns on (blipdiff_jax/host_memory.py)
     with tempfile.TemporaryDirectory() as workdir:
         if args.model == "tiny":
             pipeline, params = FlaxBlipDiffusionPipeline.from_converted(tiny.build_tiny_model(workdir))

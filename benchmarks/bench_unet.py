@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import time
-from functools import partial
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -68,28 +67,27 @@ def run_torch(model_dir: str, size: int, repeats: int) -> dict:
 
 
 def jitted_unet_step(pipeline, attention: str):
-    """Our UNet step with `attention`'s kernel, compiled as the pipelines compile it (compiler options)."""
-    import jax
+    """Our UNet step with `attention`'s kernel, compiled as the pipelines compile it (blipdiff_jax.runtime).
+    "xla" is diffusers' UNet as shipped (no CPU rewrites); every other kernel runs with the CPU rewrites, as
+    the pipelines run by default."""
+    from blipdiff_jax.runtime import Runtime
 
-    from blipdiff_jax import compilation
-    from blipdiff_jax.models.attention import attention_interceptor, intercept_attention
+    runtime = Runtime.for_backend(attention, cpu_rewrites=attention != "xla")
 
-    interceptor = attention_interceptor(attention)
-
-    @partial(jax.jit, compiler_options=compilation.compiler_options())
     def step(p, x, t, c):
-        with intercept_attention(interceptor):
+        with runtime.unet_layers():
             return pipeline.unet.apply({"params": p}, x, t, c).sample
 
-    return step
+    return runtime.jit(step)
 
 
 def run_jax(model_dir: str, size: int, repeats: int, attentions: list[str]) -> dict:
     import jax
     import numpy as np
 
-    from blipdiff_jax import FlaxBlipDiffusionPipeline
+    from blipdiff_jax import FlaxBlipDiffusionPipeline, tune_host_memory
 
+    tune_host_memory()  # the glibc tuning the CLI turns on (blipdiff_jax/host_memory.py)
     pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(model_dir)
     unet_params = params["unet"]
     del params
@@ -115,8 +113,9 @@ def run_interleaved(workdir: str, size: int, rounds: int) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from blipdiff_jax import FlaxBlipDiffusionPipeline
+    from blipdiff_jax import FlaxBlipDiffusionPipeline, tune_host_memory
 
+    tune_host_memory()  # the glibc tuning the CLI turns on (blipdiff_jax/host_memory.py)
     unet = UNet2DConditionModel.from_pretrained(os.path.join(workdir, "torch", "unet")).eval()
     pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(os.path.join(workdir, "flax"))
     unet_params = params["unet"]

@@ -101,8 +101,10 @@ def main() -> None:
     import jax
     import numpy as np
 
+    from blipdiff_jax import tune_host_memory
     from blipdiff_jax.checkpoint import load_converted
 
+    tune_host_memory()  # the glibc tuning the CLI turns on (blipdiff_jax/host_memory.py)
     resolution, batch = args.resolution or 128, args.batch_size or 1
     model = load_converted(os.path.join(HERE, ".cache", "flax"))
     trainable = {"unet": model.params["unet"], "subject_embeddings": np.zeros((1, 16, 768), np.float32)}

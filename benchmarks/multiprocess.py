@@ -52,8 +52,9 @@ def generate(model_dir: str, size: int, steps: int, mesh=None, log=lambda messag
     """The one generation both sides run: 4 prompts, latents from numpy, float images."""
     import numpy as np
 
-    from blipdiff_jax import FlaxBlipDiffusionPipeline, tiny
+    from blipdiff_jax import FlaxBlipDiffusionPipeline, tiny, tune_host_memory
 
+    tune_host_memory()  # the glibc tuning the CLI turns on (blipdiff_jax/host_memory.py)
     started = time.perf_counter()
     pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(model_dir)
     log(f"loaded in {time.perf_counter() - started:.1f}s")

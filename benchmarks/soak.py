@@ -27,8 +27,9 @@ def soak(generations: int = 200, log=print) -> dict:
     import jax
     import numpy as np
 
-    from blipdiff_jax import FlaxBlipDiffusionPipeline, tiny
+    from blipdiff_jax import FlaxBlipDiffusionPipeline, tiny, tune_host_memory
 
+    tune_host_memory()  # the glibc tuning the CLI turns on (blipdiff_jax/host_memory.py)
     with tempfile.TemporaryDirectory() as workdir:
         pipeline, params = FlaxBlipDiffusionPipeline.from_converted(tiny.build_tiny_model(workdir))
     reference = tiny.demo_reference_image()

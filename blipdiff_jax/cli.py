@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 
+from .host_memory import tune_host_memory
 
 TOY_GUIDANCE = 5.0  # the shipped toy model's guidance (benchmarks/results-toy.md)
 
@@ -52,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-compile-cache", action="store_true", help="compile from scratch every run")
     run.add_argument("--attention", default="auto", choices=["auto", "blockwise", "cudnn", "dot_product", "xla"],
                      help="attention kernel in the UNet: auto = blockwise on CPU, cuDNN's fused kernel on GPU, "
-                          "jax.nn.dot_product_attention on TPU; xla = diffusers' own (default: %(default)s)")
+                          "jax.nn.dot_product_attention on TPU; xla = diffusers' own (default: %(default)s); the CPU "
+                          "rewrites of the other layers are on unless BLIPDIFF_JAX_CPU_REWRITES=0")
 
     many = _OneLineParser(add_help=False)
     many.add_argument("--num-images", type=int, default=1, help="images to make, each from its own noise (default: 1)")
@@ -392,6 +394,7 @@ def _finetune_stopped(out: str) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    tune_host_memory()  # an application's choice, process-wide (host_memory.py); BLIPDIFF_JAX_TUNE_MALLOC=0 opts out
     if getattr(args, "guidance", 0) is None:
         toy = args.command == "demo" and not args.tiny
         args.guidance = TOY_GUIDANCE if toy else 7.5
