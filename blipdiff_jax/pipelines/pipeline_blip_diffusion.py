@@ -311,16 +311,16 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         batch: per-example arrays (split over devices): prompt_ids, uncond_ids, subject_embeds, latents and,
         for ControlNet, control_image (B, 3, H, W). scalars: guidance_scale (and control_scale).
         """
-        return self._generate_traced(params, batch, scalars, rng, num_inference_steps, do_cfg, progress)
+        with self.runtime.tracing(bf16_products=False):  # no attention control here: blocks traced once
+            return self._generate_traced(params, batch, scalars, rng, num_inference_steps, do_cfg, progress)
 
     def _generate_traced(self, params, batch, scalars, rng, num_inference_steps, do_cfg, progress):
         # bf16 on CPU: the text encoder's products on bf16 operands (models/bf16_matmul.py). Not the decoder's:
         # in bf16 products it decodes a 512 image in 7.8 s instead of 15.0, but compiling it takes 0.14 GiB
         # more, and a cold bf16 512 generation then peaked at 4.18-4.22 GiB (target 4.19).
-        with self.runtime.tracing():
+        with self.runtime.tracing(repeated_blocks=False):
             context, result = self._encode_and_denoise(params, batch, scalars, rng, num_inference_steps, do_cfg, progress)
-        with self.runtime.tracing(bf16_products=False):
-            images = self._decode(params, result.latents)
+        images = self._decode(params, result.latents)
         return {"images": images, "context_finite": jnp.all(jnp.isfinite(context)),
                 "first_nonfinite_step": result.first_nonfinite_step}
 
