@@ -169,6 +169,7 @@ COMPONENT_FILES = {"qformer": "qformer/model.safetensors", "text_encoder": "text
                    "unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors"}
 
 
+@pytest.mark.filterwarnings("ignore:bfloat16 params on CPU")  # the scheduler advice; no program runs here
 @pytest.mark.parametrize("dtype", [jax.numpy.float32, jax.numpy.bfloat16])
 def test_from_pt_streams_the_params_of_the_converted_directory(torch_pipeline_dir, tmp_path, dtype):
     """`from_pretrained(from_pt=True)` reads, converts and places one tensor at a time; its params equal, bit
