@@ -238,3 +238,22 @@ def test_bf16_safetensors_read_as_fp32_as_torch_gives_them(tmp_path):
     for key, tensor in tensors.items():
         assert state[key].dtype == np.float32
         np.testing.assert_array_equal(state[key], tensor.float().numpy())
+
+
+def test_sharded_weights_read_lazily_as_one_state_dict(torch_pipeline_dir, tmp_path):
+    from convert.state_dict import open_folder_weights
+
+    whole = load_file(os.path.join(torch_pipeline_dir, COMPONENT_FILES["vae"]))
+    keys = list(whole)
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    shards = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2:]}
+    for shard, names in shards.items():
+        save_file({k: whole[k] for k in names}, str(folder / shard))
+    weight_map = {k: shard for shard, names in shards.items() for k in names}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    lazy, source = open_folder_weights(str(folder))
+    assert source.endswith(".index.json") and sorted(lazy) == sorted(whole)
+    for key, value in whole.items():
+        assert lazy.shape(key) == value.shape
+        np.testing.assert_array_equal(lazy[key], value)
