@@ -1,13 +1,13 @@
 """Peak memory of loading the real-size model from PyTorch files (`from_pt=True`) against a converted directory.
 
-    python benchmarks/load_memory.py [--size 256] [--steps 2] [--dtype float32] [--workdir benchmarks/.cache]
+    python benchmarks/load_memory.py [--size 256] [--steps 2] [--dtype float32] [--glibc-defaults] [--workdir benchmarks/.cache]
 
 Uses the real-size random model that `bench_pipeline.py` builds and converts once (cached in --workdir). Each
 case runs in its own process, torch not importable (as a runtime install runs; safetensors files need no
-torch), with no persistent compilation cache: `from_pretrained` of the converted directory, or of the PyTorch
-directory with `from_pt=True`, then one generation at --size. Each reports its peak RSS (`ru_maxrss`) right
-after loading and at the end. Prints the table and writes it into benchmarks/README.md, between the
-`load_memory` markers.
+torch), with no persistent compilation cache, glibc tuned as the CLI does (not with --glibc-defaults):
+`from_pretrained` of the converted directory, or of the PyTorch directory with `from_pt=True`, then one
+generation at --size. Each reports its peak RSS (`ru_maxrss`) right after loading and at the end. Prints the
+table and writes it into benchmarks/README.md, between the `load_memory` markers.
 """
 
 from __future__ import annotations
@@ -34,12 +34,16 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_case(case: str, model_dir: str, size: int, steps: int, dtype: str, bert_dir: str) -> dict:
+def run_case(case: str, model_dir: str, size: int, steps: int, dtype: str, bert_dir: str, tune: bool) -> dict:
     """Load (timed), then one generation; the peak RSS after each."""
     import jax
     import jax.numpy as jnp
 
+    import blipdiff_jax
     from blipdiff_jax import FlaxBlipDiffusionPipeline
+
+    if tune:
+        blipdiff_jax.tune_host_memory()  # the glibc tuning the CLI turns on (blipdiff_jax/host_memory.py)
     from blipdiff_jax.tiny import demo_reference_image
 
     start = time.perf_counter()
@@ -57,12 +61,13 @@ def run_case(case: str, model_dir: str, size: int, steps: int, dtype: str, bert_
             "peak_gib": peak_rss_gib(), "torch_imported": sys.modules.get("torch") is not None}
 
 
-def table(runs: dict, size: int, steps: int, dtype: str) -> str:
+def table(runs: dict, size: int, steps: int, dtype: str, tune: bool) -> str:
     base = runs["converted"]
     lines = [
         f"{cpu_description()}; random weights of the real size, {dtype}, one {size}×{size} generation of {steps} "
         f"steps after loading; each case in its own process, torch not importable, no persistent compilation "
-        f"cache. Peak RSS (`ru_maxrss`) in GiB.",
+        f"cache, {'glibc tuned as the CLI does (`tune_host_memory()`)' if tune else 'glibc defaults'}. "
+        f"Peak RSS (`ru_maxrss`) in GiB.",
         "",
         "| loaded from | load time | peak RSS after loading | peak RSS, load + generation | / converted |",
         "|---|---|---|---|---|",
@@ -93,6 +98,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.path.join(HERE, ".cache"))
     parser.add_argument("--cases", nargs="+", default=[case for case, _ in CASES], choices=[case for case, _ in CASES])
     parser.add_argument("--no-readme", action="store_true", help="print the table only")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="without tune_host_memory() (which the CLI and the other benchmarks turn on)")
     parser.add_argument("--case", choices=[case for case, _ in CASES], help=argparse.SUPPRESS)  # internal: one per process
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -100,7 +107,7 @@ def main() -> None:
     if args.case:
         sys.modules["torch"] = None  # as a runtime install runs: neither path may need torch for safetensors
         sys.path.insert(0, ROOT)
-        result = run_case(args.case, args.model, args.size, args.steps, args.dtype, bert_dir)
+        result = run_case(args.case, args.model, args.size, args.steps, args.dtype, bert_dir, not args.glibc_defaults)
         print("RESULT " + json.dumps(result), flush=True)
         return
     from bench_pipeline import FULL_CONFIG, ensure_models
@@ -114,14 +121,14 @@ def main() -> None:
         print(f"running {case} ...", flush=True)
         command = [sys.executable, __file__, "--case", case, "--model", flax_dir if case == "converted" else torch_dir,
                    "--size", str(args.size), "--steps", str(args.steps), "--dtype", args.dtype,
-                   "--workdir", args.workdir]
+                   "--workdir", args.workdir] + (["--glibc-defaults"] if args.glibc_defaults else [])
         env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
         output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout
         runs[case] = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
         print(json.dumps(runs[case]), flush=True)
     if len(runs) < len(CASES):
         return
-    report = table(runs, args.size, args.steps, args.dtype)
+    report = table(runs, args.size, args.steps, args.dtype, not args.glibc_defaults)
     print(report)
     if not args.no_readme:
         write_readme(report)
