@@ -130,6 +130,45 @@ def test_dropout_gives_the_unconditional_context_and_zero_subjects(converted_mod
     np.testing.assert_allclose(float(no_caption), unet_loss(jnp.broadcast_to(uncond, cond.shape)), rtol=1e-5)
 
 
+def test_v_prediction_learns_the_velocity_of_diffusers_ddpm(converted_model, pipe):
+    """A scheduler with prediction_type "v_prediction" (the toy model's) trains the UNet on the velocity
+    diffusers' PyTorch `DDPMScheduler.get_velocity` gives (rtol 1e-5); an unknown type is refused."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    inputs = lavis_inputs(pipe, batch=3)
+    configs = {**converted_model.configs, "scheduler": {**converted_model.configs["scheduler"], "prediction_type": "v_prediction"}}
+    loss = PretrainLoss(configs, pipe.ctx_begin_pos)
+    trainable, frozen = PretrainLoss.split(converted_model.params, DEFAULT_GROUPS)
+    keep = jnp.ones((3,), bool)
+    value = float(jax.jit(loss)(trainable, frozen, inputs["batch"], inputs["latents"], inputs["noise"], inputs["timesteps"], keep, keep))
+    epsilon = float(jax.jit(PretrainLoss(converted_model.configs, pipe.ctx_begin_pos))(
+        trainable, frozen, inputs["batch"], inputs["latents"], inputs["noise"], inputs["timesteps"], keep, keep))
+    torch_scheduler = DDPMScheduler.from_config(configs["scheduler"])
+    velocity = torch_scheduler.get_velocity(torch.from_numpy(inputs["latents"]), torch.from_numpy(inputs["noise"]),
+                                            torch.from_numpy(inputs["timesteps"]).long()).numpy()
+    np.testing.assert_allclose(np.asarray(loss.target(inputs["latents"], inputs["noise"], inputs["timesteps"])), velocity,
+                               rtol=1e-5, atol=1e-6)
+    # The same prediction, scored against the velocity instead of the noise.
+    assert abs(value - epsilon) > 1e-3 and np.abs(velocity - inputs["noise"]).max() > 0.1
+    bad = {**converted_model.configs, "scheduler": {**converted_model.configs["scheduler"], "prediction_type": "x0"}}
+    with pytest.raises(ValueError, match="prediction_type"):
+        PretrainLoss(bad, pipe.ctx_begin_pos)
+
+
+def test_editing_inverts_on_the_models_own_noise_schedule():
+    """LAVIS's DDIM settings for inversion and real-image edits, with the model's betas and prediction type:
+    identical to LAVIS's config for Stable Diffusion 1.5's schedule (the tiny model's), the toy's otherwise."""
+    from blipdiff_jax import tiny
+    from blipdiff_jax.pipelines.editing import LAVIS_DDIM_CONFIG, edit_ddim_config
+    from blipdiff_jax.training import toy
+
+    assert {k: v for k, v in edit_ddim_config(tiny.scheduler_config()).items() if k != "prediction_type"} == LAVIS_DDIM_CONFIG
+    own = edit_ddim_config(toy.SCHEDULER_CONFIG)
+    assert own["beta_end"] == toy.SCHEDULER_CONFIG["beta_end"] != LAVIS_DDIM_CONFIG["beta_end"]
+    assert own["prediction_type"] == "v_prediction" and own["set_alpha_to_one"] is False and own["steps_offset"] == 1
+
+
 # ---------------------------------------------------------------------------------------------- toy world
 
 

@@ -36,6 +36,9 @@ from .denoise import check_finite, denoise
 from .inputs import as_list, as_prng_key
 
 # LAVIS builds its DDIM scheduler (inversion, real-image edits) from Stable Diffusion 1.5's scheduler config.
+# The noise schedule's keys are taken from the model's own scheduler (the same values for Stable Diffusion
+# 1.5; a model trained on another schedule, as the toy model, is inverted and edited on the one it learned).
+NOISE_SCHEDULE_KEYS = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "trained_betas", "prediction_type")
 LAVIS_DDIM_CONFIG = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -45,6 +48,13 @@ LAVIS_DDIM_CONFIG = {
     "steps_offset": 1,
     "num_train_timesteps": 1000,
 }
+
+
+def edit_ddim_config(scheduler_config) -> dict:
+    """The DDIM config of inversion and real-image edits: LAVIS's, on the noise schedule of the model's own
+    scheduler (`scheduler_config`)."""
+    own = {k: scheduler_config[k] for k in NOISE_SCHEDULE_KEYS if scheduler_config.get(k) is not None}
+    return {**LAVIS_DDIM_CONFIG, **own}
 
 
 def _single(value, argname):
@@ -87,7 +97,7 @@ class EditingMixin:
 
         if getattr(self, "_lavis_ddim", None) is None:
             with quiet_flax_notices():
-                self._lavis_ddim = FlaxDDIMScheduler.from_config(LAVIS_DDIM_CONFIG)
+                self._lavis_ddim = FlaxDDIMScheduler.from_config(edit_ddim_config(self.scheduler.config))
         return self._lavis_ddim
 
     def control_pixels(self, height: int, width: int) -> int:
@@ -284,6 +294,8 @@ class EditingMixin:
             prev = t - stride
             a_from = jnp.where(prev >= 0, alphas[jnp.maximum(prev, 0)], state.final_alpha_cumprod)
             a_to = alphas[t]
+            if scheduler.config.prediction_type == "v_prediction":  # the noise the velocity implies at x
+                eps = a_to**0.5 * eps + (1 - a_to) ** 0.5 * x
             # x_t from x_{t-1}: the DDIM update run backwards (noise to more noise).
             return a_to**0.5 * ((a_from**-0.5 - a_to**-0.5) * x + ((1 / a_to - 1) ** 0.5 - (1 / a_from - 1) ** 0.5) * eps) + x
 

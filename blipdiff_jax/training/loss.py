@@ -23,6 +23,9 @@ from ..runtime.quiet import quiet_flax_notices
 from ..runtime.remat import remat_unet_blocks
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
 def ddpm_scheduler(config: dict, dtype=jnp.float32):
     """The training noise schedule: a diffusers `FlaxDDPMScheduler` from the checkpoint's scheduler config
     (LAVIS: `DDPMScheduler.from_config(<sd>/scheduler)`; the PNDM-only keys are dropped)."""
@@ -48,6 +51,9 @@ class DiffusionLoss:
         self.vae = components.build_model("vae", configs["vae"], self.compute_dtype)
         self.scheduler = ddpm_scheduler(configs["scheduler"], self.loss_dtype)
         self.scheduler_state = self.scheduler.create_state()
+        self.prediction_type = str(self.scheduler.config.prediction_type)
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler prediction_type={self.prediction_type!r}: choose one of {PREDICTION_TYPES}")
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.ctx_begin_pos = int(ctx_begin_pos)
@@ -75,7 +81,17 @@ class DiffusionLoss:
         noisy = self.scheduler.add_noise(self.scheduler_state, latents.astype(self.loss_dtype), noise, timesteps)
         context = self.text_embeddings(text_params, input_ids, trainable["subject_embeddings"], batch)
         prediction = self._unet(trainable["unet"], noisy.astype(self.compute_dtype), timesteps, context)
-        return jnp.mean((prediction.astype(self.loss_dtype) - noise) ** 2)
+        return jnp.mean((prediction.astype(self.loss_dtype) - self.target(latents, noise, timesteps)) ** 2)
+
+    def target(self, latents, noise, timesteps):
+        """What the UNet learns to predict, by the scheduler's `prediction_type` (diffusers' training scripts'
+        rule): the noise (LAVIS, Stable Diffusion 1.5), the velocity, or the clean latents."""
+        if self.prediction_type == "epsilon":
+            return noise
+        latents = latents.astype(self.loss_dtype)
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(self.scheduler_state, latents, noise, timesteps)
+        return latents
 
     def latents(self, vae_params, pixels, key):
         """VAE posterior sample (LAVIS: `latent_dist.sample()`) of (B, 3, H, W) pixels in [-1, 1], times the

@@ -5,7 +5,8 @@ never released. The loss is LAVIS's `BlipDiffusion.forward` with `qformer_train`
     subject  = ProjLayer(Q-Former(ViT(reference), category))       reference: the subject on a random background
     context  = ContextCLIP(build_prompts("a {category} {caption}"), subject spliced at ctx_begin_pos)
     latents  = VAE(target).latent_dist.sample() * scaling_factor    target: the subject in context
-    loss     = mean((UNet(DDPM.add_noise(latents, noise, t), t, context) - noise) ** 2)
+    loss     = mean((UNet(DDPM.add_noise(latents, noise, t), t, context) - noise) ** 2)   (or the velocity, for
+               a scheduler with prediction_type "v_prediction", as the toy model's)
 
 The text is built and tokenized as generation builds it (prompt repetition, padding), so training and
 inference see the same sequence. With probability `subject_dropout` an example's subject embeddings are
@@ -161,7 +162,7 @@ class PretrainLoss(DiffusionLoss):
         noise = noise.astype(self.loss_dtype)
         noisy = self.scheduler.add_noise(self.scheduler_state, latents.astype(self.loss_dtype), noise, timesteps)
         prediction = self._unet(pieces["unet"], noisy.astype(self.compute_dtype), timesteps, context)
-        return jnp.mean((prediction.astype(self.loss_dtype) - noise) ** 2)
+        return jnp.mean((prediction.astype(self.loss_dtype) - self.target(latents, noise, timesteps)) ** 2)
 
 
 # --------------------------------------------------------------------------------------------- optimizer
