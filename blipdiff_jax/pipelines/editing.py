@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from diffusers import FlaxDDIMScheduler
 from jax import lax
 from PIL import Image
 
@@ -33,7 +34,9 @@ from .attention_control import (
     schedule_arrays,
 )
 from .denoise import check_finite, denoise
-from .inputs import as_list, as_prng_key
+from .inputs import as_list, as_prng_key, check_common, check_steps
+from .outputs import FlaxBlipDiffusionPipelineOutput
+from .request import EditRequest
 
 # LAVIS builds its DDIM scheduler (inversion, real-image edits) from Stable Diffusion 1.5's scheduler config.
 # The noise schedule's keys are taken from the model's own scheduler (the same values for Stable Diffusion
@@ -87,39 +90,48 @@ def prepare_real_image(image, height: int, width: int, argname: str = "image") -
     return array.transpose(2, 0, 1)[None]
 
 
-class EditingMixin:
-    """`edit` and `invert` for FlaxBlipDiffusionPipeline."""
+class Editor:
+    """`edit` and `invert` for the `FlaxBlipDiffusionPipeline` that holds it (`pipeline.editor`).
+
+    It runs the pipeline's own parts, so that an edit encodes, denoises and decodes as generation does: the
+    models (`text_encoder`, `unet`, `vae`), `tokenizer` and text geometry (`max_text_length`, `num_query_tokens`,
+    `ctx_begin_pos`), `scheduler`, `runtime`, `progress`, `dtype`, `latent_factor`, `size_multiple`, and
+    `encode_subject`, `_given_embeddings`, `_latents` (the starting noise), `_decode`. Its own state: LAVIS's
+    DDIM scheduler and its compiled programs, both made on first use."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self._lavis_ddim = None
+        self._programs = {}
 
     # ---------------------------------------------------------------- host-side preparation
 
     def _edit_ddim(self):
-        from diffusers import FlaxDDIMScheduler
-
-        if getattr(self, "_lavis_ddim", None) is None:
+        if self._lavis_ddim is None:
             with quiet_flax_notices():
-                self._lavis_ddim = FlaxDDIMScheduler.from_config(edit_ddim_config(self.scheduler.config))
+                self._lavis_ddim = FlaxDDIMScheduler.from_config(edit_ddim_config(self.pipeline.scheduler.config))
         return self._lavis_ddim
 
     def control_pixels(self, height: int, width: int) -> int:
         """Spatial size of the lowest-resolution down block with cross-attention (LAVIS: 16x16 at 512x512)."""
-        levels = [i for i, kind in enumerate(self.unet.down_block_types) if "CrossAttn" in kind]
+        levels = [i for i, kind in enumerate(self.pipeline.unet.down_block_types) if "CrossAttn" in kind]
         if not levels:
             raise ValueError("this UNet has no cross-attention: editing needs it")
         step = 2 ** levels[-1]
-        return (height // self.latent_factor // step) * (width // self.latent_factor // step)
+        return (height // self.pipeline.latent_factor // step) * (width // self.pipeline.latent_factor // step)
 
     def _word_positions(self, ids: list[int], word: str, argname: str) -> np.ndarray:
         """0/1 over 77 positions: every occurrence of `word`'s tokens in `ids`."""
-        tokens = self.tokenizer(word, add_special_tokens=False).input_ids
+        tokens = self.pipeline.tokenizer(word, add_special_tokens=False).input_ids
         if not tokens:
             raise ValueError(f"{argname}: {word!r} tokenizes to nothing")
-        found = np.zeros(self.max_text_length, np.float32)
+        found = np.zeros(self.pipeline.max_text_length, np.float32)
         for start in range(1, len(ids) - len(tokens) + 1):
             if ids[start:start + len(tokens)] == tokens:
                 found[start:start + len(tokens)] = 1.0
         return found
 
-    def _edit_tokens(self, prompt, original_subject, target_subject, controller="refine", equalizer=None,
+    def edit_tokens(self, prompt, original_subject, target_subject, controller="refine", equalizer=None,
                      placeholder_tokens=True):
         """Token ids of both branches, the token mapper, LocalBlend's words and the reweighting equalizer.
 
@@ -130,24 +142,24 @@ class EditingMixin:
         prompts as written (LAVIS's ptp_utils), which hold the "sks" tokens but not the spliced embeddings.
         `False`: the edited branch reads "a {target} {prompt}" with the embeddings spliced, and the mapper is
         aligned on the sequence the encoder sees (placeholders at the embeddings' positions)."""
-        full, nq, pos = self.max_text_length, self.num_query_tokens, self.ctx_begin_pos
+        full, nq, pos = self.pipeline.max_text_length, self.pipeline.num_query_tokens, self.pipeline.ctx_begin_pos
         budget = full - nq
-        tokenize = lambda text, n: self.tokenizer(text, truncation=True, max_length=n).input_ids  # noqa: E731
+        tokenize = lambda text, n: self.pipeline.tokenizer(text, truncation=True, max_length=n).input_ids  # noqa: E731
         if placeholder_tokens:
             placeholder = " ".join(["sks"] * nq)
             source = f"a {original_subject} {prompt}"
             target = f"a {placeholder} {target_subject} {prompt}"
             source_ids, target_ids = tokenize(source, full), tokenize(target, budget)
             written = tokenize(target, full)  # LAVIS's mapper reads the edited prompt untruncated (<= 77)
-            lead = 1 + len(self.tokenizer("a", add_special_tokens=False).input_ids)
-            held = range(lead, min(lead + len(self.tokenizer(placeholder, add_special_tokens=False).input_ids), len(written)))
+            lead = 1 + len(self.pipeline.tokenizer("a", add_special_tokens=False).input_ids)
+            held = range(lead, min(lead + len(self.pipeline.tokenizer(placeholder, add_special_tokens=False).input_ids), len(written)))
             # AttentionReplace (no LAVIS counterpart here: ptp_utils refuses prompts of different word counts)
             # pairs the source's tokens with the edited prompt's other tokens; the "sks" positions keep their maps.
             for_replace = [PLACEHOLDER if j in held else t for j, t in enumerate(written)]
 
             def words(text, ids, word, argname):
                 found = np.zeros(full, np.float32)
-                found[lavis_word_positions(text, word, self.tokenizer, full)] = 1.0
+                found[lavis_word_positions(text, word, self.pipeline.tokenizer, full)] = 1.0
                 # A word LAVIS's whole-word rule cannot find (several words, glued to punctuation): its tokens.
                 return found if found.any() else self._word_positions(ids, word, argname)
         else:
@@ -178,7 +190,7 @@ class EditingMixin:
                 if not where.any() or not np.isfinite(value):
                     raise ValueError(f"equalizer: {word!r} is not in the edited prompt {target!r} or its scale is not finite")
                 scales[where > 0] = float(value)
-        pad = lambda ids, n: self.tokenizer.pad({"input_ids": [ids]}, padding="max_length", max_length=n)["input_ids"]  # noqa: E731
+        pad = lambda ids, n: self.pipeline.tokenizer.pad({"input_ids": [ids]}, padding="max_length", max_length=n)["input_ids"]  # noqa: E731
         return {
             "source": np.asarray(pad(source_ids, full), np.int32),
             "target": np.asarray(pad(target_ids, budget), np.int32),
@@ -194,7 +206,7 @@ class EditingMixin:
                       num_inference_steps, do_cfg, static, real_image):
         # bf16 on CPU: the text encoder's products on bf16 operands (models/bf16_matmul.py); the decoder as in
         # generation (see _generate_traced). No block traces: the controller sees each attention in place.
-        with self.runtime.tracing(repeated_blocks=False):
+        with self.pipeline.runtime.tracing(repeated_blocks=False):
             carry = self._edit_start_traced(params, scheduler_state, tokens, subject_embeds, latents, num_inference_steps,
                                             do_cfg, real_image, static.control_pixels)
             carry = self._edit_steps_traced(params, arrays, guidance_scale, carry, 0, carry["state"].timesteps.shape[0],
@@ -203,26 +215,26 @@ class EditingMixin:
 
     def _edit_start_program(self, params, scheduler_state, tokens, subject_embeds, latents, num_inference_steps, do_cfg,
                             real_image, control_pixels):
-        with self.runtime.tracing(repeated_blocks=False):
+        with self.pipeline.runtime.tracing(repeated_blocks=False):
             return self._edit_start_traced(params, scheduler_state, tokens, subject_embeds, latents, num_inference_steps,
                                            do_cfg, real_image, control_pixels)
 
     def _edit_steps_program(self, params, arrays, guidance_scale, carry, start, stop, do_cfg, static, real_image):
-        with self.runtime.tracing(repeated_blocks=False):
+        with self.pipeline.runtime.tracing(repeated_blocks=False):
             return self._edit_steps_traced(params, arrays, guidance_scale, carry, start, stop, do_cfg, static, real_image)
 
     def _edit_finish_program(self, params, carry):
         return {"context_finite": jnp.all(jnp.isfinite(carry["context"])),
                 "first_nonfinite_step": carry["first_nonfinite_step"],
-                "images": self._decode(params, carry["latents"])}
+                "images": self.pipeline._decode(params, carry["latents"])}
 
     def _edit_start_traced(self, params, scheduler_state, tokens, subject_embeds, latents, num_inference_steps, do_cfg,
                            real_image, control_pixels):
-        scheduler = self._edit_ddim() if real_image else self.scheduler
+        scheduler = self._edit_ddim() if real_image else self.pipeline.scheduler
         text = {"params": params["text_encoder"]}
         # (unconditional,) source and target prompts in one pass (models/context_clip.encode_contexts)
         plain = jnp.concatenate([tokens["uncond"], tokens["source"]]) if do_cfg else tokens["source"]
-        context = encode_contexts(self.text_encoder, text, plain, tokens["target"], subject_embeds, self.ctx_begin_pos)
+        context = encode_contexts(self.pipeline.text_encoder, text, plain, tokens["target"], subject_embeds, self.pipeline.ctx_begin_pos)
         if do_cfg:
             context = jnp.concatenate([context[:1], context])  # the unconditional context, for both branches
         state = scheduler.set_timesteps(scheduler_state, num_inference_steps=num_inference_steps, shape=latents.shape)
@@ -234,7 +246,7 @@ class EditingMixin:
         """Steps start..stop-1 of the edit loop, from `carry`. The loop runs every timestep the scheduler lists:
         PNDM lists one more than asked (its last step is a no-op on the latents), and LAVIS's controller and
         LocalBlend run at each of them."""
-        scheduler = self._edit_ddim() if real_image else self.scheduler
+        scheduler = self._edit_ddim() if real_image else self.pipeline.scheduler
 
         def combine(uncond, cond, g):
             guided = uncond + g * (cond - uncond)
@@ -248,11 +260,11 @@ class EditingMixin:
             return local_blend(latents, blend_sum, static, arrays["lb_threshold"]), blend_sum
 
         result = denoise(
-            unet=self.unet, unet_params=params["unet"], scheduler=scheduler, scheduler_state=carry["state"],
+            unet=self.pipeline.unet, unet_params=params["unet"], scheduler=scheduler, scheduler_state=carry["state"],
             latents=carry["latents"], context=carry["context"], guidance_scale=guidance_scale,
             num_inference_steps=carry["state"].timesteps.shape[0], do_classifier_free_guidance=do_cfg,
             attention_control=lambda step: make_interceptor(static, arrays, step, guided=do_cfg),
-            attention=self.runtime.unet_interceptor,
+            attention=self.pipeline.runtime.unet_interceptor,
             combine_guidance=combine, after_step=after_step, aux=carry["aux"],
             steps=(start, stop), first_nonfinite_step=carry["first_nonfinite_step"],
         )
@@ -261,22 +273,22 @@ class EditingMixin:
 
     def _invert_program(self, params, scheduler_state, image, ids, num_inference_steps):
         """VAE posterior mean of `image`, then DDIM inversion (LAVIS `_ddim_inverse`, guidance 1)."""
-        with self.runtime.tracing():  # no attention control in the inversion: blocks traced once
+        with self.pipeline.runtime.tracing():  # no attention control in the inversion: blocks traced once
             carry = self._invert_start_traced(params, scheduler_state, image, ids, num_inference_steps)
             return self._invert_steps_traced(params, carry, 0, num_inference_steps, num_inference_steps)["latents"]
 
     def _invert_start_program(self, params, scheduler_state, image, ids, num_inference_steps):
-        with self.runtime.tracing():
+        with self.pipeline.runtime.tracing():
             return self._invert_start_traced(params, scheduler_state, image, ids, num_inference_steps)
 
     def _invert_steps_program(self, params, carry, start, stop, num_inference_steps):
-        with self.runtime.tracing():
+        with self.pipeline.runtime.tracing():
             return self._invert_steps_traced(params, carry, start, stop, num_inference_steps)
 
     def _invert_start_traced(self, params, scheduler_state, image, ids, num_inference_steps):
-        posterior = self.vae.apply({"params": params["vae"]}, image, method=self.vae.encode).latent_dist
-        latents = posterior.mean.transpose(0, 3, 1, 2) * self.vae.config.scaling_factor
-        context = self.text_encoder.apply({"params": params["text_encoder"]}, ids)[0]
+        posterior = self.pipeline.vae.apply({"params": params["vae"]}, image, method=self.pipeline.vae.encode).latent_dist
+        latents = posterior.mean.transpose(0, 3, 1, 2) * self.pipeline.vae.config.scaling_factor
+        context = self.pipeline.text_encoder.apply({"params": params["text_encoder"]}, ids)[0]
         state = self._edit_ddim().set_timesteps(scheduler_state, num_inference_steps=num_inference_steps, shape=latents.shape)
         return {"latents": latents, "context": context, "state": state}
 
@@ -289,8 +301,8 @@ class EditingMixin:
 
         def body(i, x):
             t = timesteps[i]
-            with self.runtime.unet_layers():
-                eps = self.unet.apply({"params": params["unet"]}, x, jnp.broadcast_to(t, (x.shape[0],)), context).sample
+            with self.pipeline.runtime.unet_layers():
+                eps = self.pipeline.unet.apply({"params": params["unet"]}, x, jnp.broadcast_to(t, (x.shape[0],)), context).sample
             prev = t - stride
             a_from = jnp.where(prev >= 0, alphas[jnp.maximum(prev, 0)], state.final_alpha_cumprod)
             a_to = alphas[t]
@@ -313,18 +325,19 @@ class EditingMixin:
     }
 
     def _jitted(self, name):
-        cache = self.__dict__.setdefault("_edit_jits", {})
-        if name not in cache:
+        if name not in self._programs:
             function, static = self._PROGRAMS[name]
-            cache[name] = self.runtime.jit(getattr(self, function), static_argnames=static)
-        return cache[name]
+            self._programs[name] = self.pipeline.runtime.jit(getattr(self, function), static_argnames=static)
+        return self._programs[name]
 
-    # ---------------------------------------------------------------- public API
+    # ---------------------------------------------------------------- entry points
 
-    def invert(self, image, prompt, params=None, num_inference_steps: int = 50, height: int = 512, width: int = 512,
-               progress: bool = False):
-        """DDIM-invert a real image with `prompt` (no subject embeddings, guidance 1): latents (1, 4, h, w).
-        `progress`: a progress bar over the inversion steps."""
+    def _check_common(self, height, width, num_inference_steps, guidance_scale, output_type, scheduler=None):
+        check_common(height, width, num_inference_steps, guidance_scale, output_type, self.pipeline.size_multiple,
+                     scheduler or self.pipeline.scheduler)
+
+    def invert(self, image, prompt, params, num_inference_steps, height, width, progress):
+        """`FlaxBlipDiffusionPipeline.invert`: DDIM-inverted latents (1, 4, h, w) of a real image."""
         if params is None:
             raise ValueError("params: pass the params returned by from_pretrained")
         prompt = _single(prompt, "prompt")
@@ -332,103 +345,70 @@ class EditingMixin:
         return self._invert_pixels(prepare_real_image(image, height, width), prompt, params, num_inference_steps, progress)
 
     def _invert_pixels(self, pixels, prompt, params, num_inference_steps, progress=False):
-        ids = self.tokenizer([prompt], padding="max_length", truncation=True, max_length=self.max_text_length,
-                             return_tensors="np").input_ids.astype(np.int32)
+        pipeline = self.pipeline
+        ids = pipeline.tokenizer([prompt], padding="max_length", truncation=True, max_length=pipeline.max_text_length,
+                                 return_tensors="np").input_ids.astype(np.int32)
         state = self._edit_ddim().create_state()
-        n, pixels = int(num_inference_steps), jnp.asarray(pixels, self.dtype)
+        n, pixels = int(num_inference_steps), jnp.asarray(pixels, pipeline.dtype)
         if not progress:
             return self._jitted("invert")(params, state, pixels, ids, num_inference_steps=n)
-        with self._showing_progress(True, n, "inverting"):
+        with pipeline.progress.showing(True, n, "inverting"):
             carry = self._jitted("invert_start")(params, state, pixels, ids, num_inference_steps=n)
             steps = self._jitted("invert_steps")
-            carry = self._queued_steps(lambda c, i, j: steps(params, c, i, j, num_inference_steps=n), carry, n)
+            carry = pipeline.progress.queued_steps(lambda c, i, j: steps(params, c, i, j, num_inference_steps=n), carry, n)
         return carry["latents"]
 
-    def edit(
-        self,
-        prompt,
-        reference_image,
-        source_subject_category,
-        target_subject_category,
-        original_subject,
-        image=None,
-        params=None,
-        prng_seed=None,
-        latents=None,
-        guidance_scale: float = 7.5,
-        num_inference_steps: int = 50,
-        num_inversion_steps: int = 50,
-        cross_replace_steps=0.8,
-        self_replace_steps=0.4,
-        lb_threshold: float = 0.3,
-        neg_prompt: str = "",
-        height: int = 512,
-        width: int = 512,
-        output_type: str = "pil",
-        jit: bool = False,
-        subject_embeddings=None,
-        local_blend: bool = True,
-        controller: str = "refine",
-        equalizer: dict | None = None,
-        progress: bool = False,
-        placeholder_tokens: bool = True,
-    ):
-        """Edit `original_subject` into the reference subject. `image=None`: synthetic editing (both branches
-        generated from the same noise); `image` given: real-image editing (DDIM inversion, then DDIM).
-        `out.images` holds the source (generated or reconstructed) image, then the edited one.
-        `local_blend=False` turns LocalBlend off (the edited branch is not masked). `controller`: "refine"
-        (AttentionRefine, default) or "replace" (AttentionReplace: a same-length word swap); `equalizer`
-        ({word: scale} in the edited prompt) adds AttentionReweight on top.
-        `placeholder_tokens=True` (default) encodes the edited prompt as LAVIS does ("a" + "sks" x
-        num_query_tokens + target + prompt, with the subject embeddings spliced after "a" as well) and computes
-        the token mapper and word positions from the prompts as written, as LAVIS does; `False` encodes
-        "a {target} {prompt}" with the embeddings spliced and aligns the mapper on that sequence (see
-        `_edit_tokens`)."""
-        from .pipeline_blip_diffusion import FlaxBlipDiffusionPipelineOutput
-
+    def edit(self, request: EditRequest) -> FlaxBlipDiffusionPipelineOutput:
+        """`FlaxBlipDiffusionPipeline.edit`: the source image, then the edited one."""
+        r, pipeline = request, self.pipeline
+        params, height, width = r.params, r.height, r.width
         if params is None:
             raise ValueError("params: pass the params returned by from_pretrained")
-        if jit:
+        if r.jit:
             raise ValueError("jit: editing runs one (source, edited) pair on one device; pass jit=False")
-        prompt = _single(prompt, "prompt")
-        original_subject = _single(original_subject, "original_subject")
-        target = _single(target_subject_category, "target_subject_category")
-        neg = _single(neg_prompt if neg_prompt is not None else "", "neg_prompt")
-        real_image = image is not None
-        self._check_common(height, width, num_inference_steps, guidance_scale, output_type,
+        prompt = _single(r.prompt, "prompt")
+        original_subject = _single(r.original_subject, "original_subject")
+        target = _single(r.target_subject_category, "target_subject_category")
+        neg = _single(r.neg_prompt if r.neg_prompt is not None else "", "neg_prompt")
+        real_image = r.image is not None
+        self._check_common(height, width, r.num_inference_steps, r.guidance_scale, r.output_type,
                            scheduler=self._edit_ddim() if real_image else None)
         if real_image:
-            self._check_steps(num_inversion_steps, "num_inversion_steps", self._edit_ddim())
-        cross = _fraction(cross_replace_steps, "cross_replace_steps")
-        self_steps = _fraction(self_replace_steps, "self_replace_steps")
+            check_steps(r.num_inversion_steps, "num_inversion_steps", self._edit_ddim())
+        cross = _fraction(r.cross_replace_steps, "cross_replace_steps")
+        self_steps = _fraction(r.self_replace_steps, "self_replace_steps")
+        lb_threshold = r.lb_threshold
         if isinstance(lb_threshold, bool) or not isinstance(lb_threshold, (int, float)) or not np.isfinite(lb_threshold):
             raise ValueError(f"lb_threshold must be a finite number, got {lb_threshold!r}")
-        pixels = prepare_real_image(image, height, width) if real_image else None
-        if prng_seed is not None:
-            prng_seed = as_prng_key(prng_seed)
-        edit_tokens = self._edit_tokens(prompt, original_subject, target, controller, equalizer, bool(placeholder_tokens))
+        pixels = prepare_real_image(r.image, height, width) if real_image else None
+        prng_seed = as_prng_key(r.prng_seed) if r.prng_seed is not None else None
+        edit_tokens = self.edit_tokens(prompt, original_subject, target, r.controller, r.equalizer, bool(r.placeholder_tokens))
+        subject_embeddings = r.subject_embeddings
         if subject_embeddings is None:
-            if reference_image is None:
+            if r.reference_image is None:
                 raise ValueError("reference_image: required (or pass subject_embeddings)")
-            subject_embeddings = self.encode_subject(reference_image, _single(source_subject_category, "source_subject_category"), params)
+            subject_embeddings = pipeline.encode_subject(
+                r.reference_image, _single(r.source_subject_category, "source_subject_category"), params)
         else:
-            subject_embeddings = self._given_embeddings(subject_embeddings)
-        subject_embeddings = jnp.asarray(subject_embeddings, self.dtype)[:1]
+            subject_embeddings = pipeline._given_embeddings(subject_embeddings)
+        subject_embeddings = jnp.asarray(subject_embeddings, pipeline.dtype)[:1]
 
         if real_image:
-            start = self._invert_pixels(pixels, f"a {original_subject} {prompt.strip()}", params, num_inversion_steps, progress)
+            start = self._invert_pixels(pixels, f"a {original_subject} {prompt.strip()}", params, r.num_inversion_steps,
+                                        r.progress)
         else:
-            start = self._latents(latents, prng_seed, 1, height, width)
+            start = pipeline._latents(r.latents, prng_seed, 1, height, width)
         start = jnp.broadcast_to(start, (2,) + start.shape[1:])
         tokens = {"source": edit_tokens["source"], "target": edit_tokens["target"],
-                  "uncond": self.tokenizer([neg], padding="max_length", truncation=True, max_length=self.max_text_length,
-                                           return_tensors="np").input_ids.astype(np.int32)}
-        arrays = schedule_arrays(num_inference_steps, cross, self_steps, edit_tokens["mapper"], edit_tokens["alphas"],
+                  "uncond": pipeline.tokenizer([neg], padding="max_length", truncation=True,
+                                               max_length=pipeline.max_text_length, return_tensors="np").input_ids.astype(np.int32)}
+        arrays = schedule_arrays(r.num_inference_steps, cross, self_steps, edit_tokens["mapper"], edit_tokens["alphas"],
                                  edit_tokens["blend_words"], float(lb_threshold), edit_tokens["equalizer"])
-        static = EditStatic(control_pixels=self.control_pixels(height, width), use_local_blend=bool(local_blend), mode=controller)
-        scheduler = self._edit_ddim() if real_image else self.scheduler
-        guidance, do_cfg, n = jnp.asarray(guidance_scale, jnp.float32), guidance_scale > 1.0, int(num_inference_steps)
-        if not progress:
+        static = EditStatic(control_pixels=self.control_pixels(height, width), use_local_blend=bool(r.local_blend),
+                            mode=r.controller)
+        scheduler = self._edit_ddim() if real_image else pipeline.scheduler
+        guidance, do_cfg, n = jnp.asarray(r.guidance_scale, jnp.float32), r.guidance_scale > 1.0, int(r.num_inference_steps)
+        if not r.progress:
             result = self._jitted("edit")(params, scheduler.create_state(), tokens, subject_embeddings, start, arrays, guidance,
                                           num_inference_steps=n, do_cfg=do_cfg, static=static, real_image=real_image)
         else:
@@ -437,13 +417,12 @@ class EditingMixin:
                                                control_pixels=static.control_pixels)
             total = int(carry["state"].timesteps.shape[0])  # every timestep the scheduler lists (PNDM: one more)
             steps, finish = self._jitted("edit_steps"), self._jitted("edit_finish")
-            with self._showing_progress(True, total, "editing"):
-                carry = self._queued_steps(lambda c, i, j: steps(params, arrays, guidance, c, i, j, do_cfg=do_cfg,
-                                                                 static=static, real_image=real_image),
-                                           carry, total, before_clock=lambda c: finish.lower(params, c).compile())
+            with pipeline.progress.showing(True, total, "editing"):
+                carry = pipeline.progress.queued_steps(
+                    lambda c, i, j: steps(params, arrays, guidance, c, i, j, do_cfg=do_cfg, static=static, real_image=real_image),
+                    carry, total, before_clock=lambda c: finish.lower(params, c).compile())
             result = finish(params, carry)
         result = jax.device_get(result)
         images = np.asarray(result["images"], dtype=np.float32)
-        check_finite(result, int(num_inference_steps))
-        return FlaxBlipDiffusionPipelineOutput(images=images if output_type == "np" else numpy_to_pil(images))
-
+        check_finite(result, int(r.num_inference_steps))
+        return FlaxBlipDiffusionPipelineOutput(images=images if r.output_type == "np" else numpy_to_pil(images))

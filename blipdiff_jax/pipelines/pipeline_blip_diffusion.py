@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -22,19 +21,22 @@ import numpy as np
 
 from .. import compilation, components
 from ..checkpoint import ConvertedModel, is_converted_directory, load_converted
+from ..hub import is_hub_id, resolve_hub_model
 from ..image_processing import numpy_to_pil, preprocess_reference
 from ..models.attention import resolve_implementation
 from ..models.context_clip import encode_contexts
 from ..runtime import Runtime
 from ..runtime.quiet import quiet_flax_notices
+from . import placement
 from .denoise import check_finite, decode_latents, denoise
-from .editing import EditingMixin
+from .editing import Editor
 from .inputs import as_list as _as_list
-from .inputs import as_prng_key
+from .inputs import as_prng_key, check_common
 from .inputs import broadcast as _broadcast
+from .outputs import FlaxBlipDiffusionPipelineOutput
+from .progress import Progress
+from .request import EditRequest, GenerationRequest, ProgramInputs
 
-OUTPUT_TYPES = ("pil", "np")
-MAX_SIDE = 4096  # documented maximum height/width in pixels
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -45,11 +47,6 @@ def caller_stacklevel() -> int:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
         frame, level = frame.f_back, level + 1
     return level
-
-
-@dataclasses.dataclass
-class FlaxBlipDiffusionPipelineOutput:
-    images: object  # list of PIL images, or an array (batch, height, width, 3) in [0, 1]
 
 
 def scheduler_from_config(config: dict):
@@ -88,7 +85,11 @@ def _advise_memory_aware_scheduler(dtype) -> None:
             f"XLA_FLAGS='{compilation.RECOMMENDED_XLA_FLAGS}'", stacklevel=caller_stacklevel())
 
 
-class FlaxBlipDiffusionPipeline(EditingMixin):
+class FlaxBlipDiffusionPipeline:
+    """Subject-driven generation (`__call__`), subject embeddings (`encode_subject`) and editing (`edit`,
+    `invert`, run by the `Editor` it holds). Each entry point checks its arguments on the host, then runs
+    compiled programs built once per pipeline through its `Runtime` (blipdiff_jax.runtime)."""
+
     def __init__(self, model: ConvertedModel, *, dtype=jnp.float32, scheduler=None, attention: str = "auto",
                  cpu_rewrites: bool | None = None):
         self.dtype = dtype
@@ -129,7 +130,8 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         self._generate_start_jit = jit(self._generate_start, static_argnames=("num_inference_steps", "do_cfg"))
         self._generate_steps_jit = jit(self._generate_steps, static_argnames=("do_cfg",))
         self._generate_finish_jit = jit(self._generate_finish)
-        self._progress_bar = None
+        self.progress = Progress(self.runtime)
+        self.editor = Editor(self)
 
     # ------------------------------------------------------------------ loading
 
@@ -174,8 +176,6 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a directory path or a Hub id, not {type(path).__name__}")
         path = os.fspath(path)
-        from ..hub import is_hub_id, resolve_hub_model
-
         return resolve_hub_model(path, qformer_tokenizer=qformer_tokenizer) if is_hub_id(path) else path
 
     @classmethod
@@ -273,62 +273,21 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
                 )
         return over
 
-    # ------------------------------------------------------------------ the compiled program
-
-    def _on_step(self, step):
-        """Host side of the progress bar (called from inside the compiled loop; pmap calls it per device).
-        Step -1: the program has started, so the time so far was compiling; the bar's clock starts again."""
-        bar = self._progress_bar
-        if bar is None:
-            return
-        step = int(step)
-        if step < 0:
-            if bar.desc.startswith("compiling") and bar.n == 0:
-                bar.set_description(self._progress_desc, refresh=False)
-                bar.reset()
-        elif step + 1 > bar.n:
-            bar.update(step + 1 - bar.n)
-
-    @contextlib.contextmanager
-    def _showing_progress(self, enabled: bool, total: int, desc: str):
-        """A progress bar over `total` steps while the block runs: "compiling" until the program starts."""
-        if not enabled:
-            yield
-            return
-        from tqdm.auto import tqdm
-
-        self._progress_desc = desc
-        self._progress_bar = tqdm(total=total, desc=f"compiling, then {desc}", unit="step")
-        try:
-            yield
-        finally:
-            self._progress_bar.close()
-            self._progress_bar = None
+    # ------------------------------------------------------------------ the compiled programs
 
     def _generate(self, params, batch, scalars, rng, num_inference_steps, do_cfg, progress=False):
-        """The whole generation as one traced function.
-
-        batch: per-example arrays (split over devices): prompt_ids, uncond_ids, subject_embeds, latents and,
-        for ControlNet, control_image (B, 3, H, W). scalars: guidance_scale (and control_scale).
-        """
+        """The whole generation, traced as one program: text contexts, the denoising loop, the decoder
+        (`ProgramInputs` describes batch and scalars). `progress`: the loop tells `self.progress` of each step."""
         with self.runtime.tracing(bf16_products=False):  # no attention control here: blocks traced once
-            return self._generate_traced(params, batch, scalars, rng, num_inference_steps, do_cfg, progress)
-
-    def _generate_traced(self, params, batch, scalars, rng, num_inference_steps, do_cfg, progress):
-        # bf16 on CPU: the text encoder's products on bf16 operands (models/bf16_matmul.py). Not the decoder's:
-        # in bf16 products it decodes a 512 image in 7.8 s instead of 15.0, but compiling it takes 0.14 GiB
-        # more, and a cold bf16 512 generation then peaked at 4.18-4.22 GiB (target 4.19).
-        with self.runtime.tracing(repeated_blocks=False):
-            context, result = self._encode_and_denoise(params, batch, scalars, rng, num_inference_steps, do_cfg, progress)
-        images = self._decode(params, result.latents)
+            # bf16 on CPU: the text encoder's and the UNet's products on bf16 operands (models/bf16_matmul.py);
+            # not the decoder's, whose compile would take 0.14 GiB more at 512².
+            with self.runtime.tracing(repeated_blocks=False):
+                context, latents, state = self._prepare(params, batch, num_inference_steps, do_cfg)
+                result = self._denoise(params, batch, scalars, rng, context, latents, state, num_inference_steps, do_cfg,
+                                       progress=self.progress.on_step if progress else None)
+            images = self._decode(params, result.latents)
         return {"images": images, "context_finite": jnp.all(jnp.isfinite(context)),
                 "first_nonfinite_step": result.first_nonfinite_step}
-
-    def _encode_and_denoise(self, params, batch, scalars, rng, num_inference_steps, do_cfg, progress):
-        context, latents, state = self._prepare(params, batch, num_inference_steps, do_cfg)
-        result = self._denoise(params, batch, scalars, rng, context, latents, state, num_inference_steps, do_cfg,
-                               progress=self._on_step if progress else None)
-        return context, result
 
     def _prepare(self, params, batch, num_inference_steps, do_cfg):
         """The text contexts, the starting latents (scaled by the init noise sigma) and the scheduler state."""
@@ -360,6 +319,10 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
     def _decode(self, params, latents):
         return decode_latents(self.vae, params["vae"], latents, in_strips=self.runtime.decode_in_strips)
 
+    def _unet_residuals(self, params, batch, scalars, context, do_cfg):
+        """Extra UNet inputs per step; the zero-shot pipeline has none (ControlNet overrides this)."""
+        return None
+
     # The generation in three programs (progress bar without host callbacks; see __init__).
 
     def _generate_start(self, params, batch, num_inference_steps, do_cfg):
@@ -381,69 +344,27 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         return {"images": images, "context_finite": jnp.all(jnp.isfinite(carry["context"])),
                 "first_nonfinite_step": carry["first_nonfinite_step"]}
 
-    def _run_in_chunks(self, params, batch, scalars, rng, num_inference_steps, do_cfg):
-        """The generation with a progress bar: start, one step per call, decoding (see __init__)."""
-        carry = self._generate_start_jit(params, batch, num_inference_steps=num_inference_steps, do_cfg=do_cfg)
-        steps, finish = self._generate_steps_jit, self._generate_finish_jit
-        carry = self._queued_steps(lambda c, i, j: steps(params, batch, scalars, rng, c, i, j, do_cfg=do_cfg), carry,
-                                   num_inference_steps, before_clock=lambda c: finish.lower(params, c).compile())
-        return finish(params, carry)
+    # ------------------------------------------------------------------ placing params
 
-    def _queued_steps(self, run_step, carry, total, before_clock=None):
-        """`run_step(carry, start, stop)` once per step (a compiled program without host callbacks, which JAX's
-        persistent cache stores): every call is queued at once, so the device never waits for the host, and the
-        progress bar advances as each finishes. Its clock starts once the step program is compiled and
-        `before_clock(carry)` has run (another program compiled ahead). Returns the last carry."""
-        finished = []
-        for step in range(total):
-            carry = run_step(carry, np.int32(step), np.int32(step + 1))
-            if step == 0:
-                if before_clock is not None:
-                    with self.runtime.compiling():  # as the jitted calls' compiles
-                        before_clock(carry)
-                self._on_step(-1)
-            finished.append(carry["latents"])
-        for step, latents in enumerate(finished):
-            latents.block_until_ready()
-            self._on_step(step)
-        return carry
+    def shard_params(self, params, mesh):
+        """`params` replicated over `mesh` (a `jax.sharding.Mesh`), for `mesh=` calls. Place them once and pass
+        the result to every call: a call that finds them placed transfers nothing (on a multi-host mesh,
+        unplaced params go through the host at every call). Returned unchanged when already placed."""
+        return placement.shard_params(params, mesh)
 
-    def _unet_residuals(self, params, batch, scalars, context, do_cfg):
-        """Extra UNet inputs per step; the zero-shot pipeline has none (ControlNet overrides this)."""
-        return None
+    def replicate(self, params):
+        """`params` with one copy per local device, for `jit=True` (diffusers' pmap convention; the same as
+        `flax.jax_utils.replicate`)."""
+        return placement.replicate(params)
 
-    # ------------------------------------------------------------------ validation
-
-    def _check_size(self, height, width):
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-            if value < 1 or value > MAX_SIDE:
-                raise ValueError(f"{name}={value} must be between 1 and {MAX_SIDE}")
-            if value % self.size_multiple:
-                raise ValueError(f"{name}={value} must be a multiple of {self.size_multiple} for this model")
-
-    def _check_steps(self, steps, argname="num_inference_steps", scheduler=None):
-        """1 <= steps <= the scheduler's num_train_timesteps (beyond it every timestep is 0)."""
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-            raise TypeError(f"{argname} must be an int, not {type(steps).__name__}")
-        if steps < 1:
-            raise ValueError(f"{argname}={steps} must be at least 1")
-        limit = int((scheduler or self.scheduler).config.num_train_timesteps)
-        if steps > limit:
-            raise ValueError(f"{argname}={steps} must be at most {limit} (the scheduler's num_train_timesteps)")
+    # ------------------------------------------------------------------ checks
 
     def _check_common(self, height, width, num_inference_steps, guidance_scale, output_type, scheduler=None):
-        self._check_size(height, width)
-        self._check_steps(num_inference_steps, "num_inference_steps", scheduler)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating, np.integer)):
-            raise TypeError(f"guidance_scale must be a number, not {type(guidance_scale).__name__}")
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale={guidance_scale} must be a finite number >= 0")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
+        check_common(height, width, num_inference_steps, guidance_scale, output_type, self.size_multiple,
+                     scheduler or self.scheduler)
 
     def _latents(self, latents, prng_seed, batch, height, width):
+        """The starting noise (batch, channels, h, w): `latents` checked, or drawn from `prng_seed`."""
         shape = (batch, self.unet.in_channels, height // self.latent_factor, width // self.latent_factor)
         if latents is None:
             if prng_seed is None:
@@ -457,6 +378,78 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
         if not bool(jnp.all(jnp.isfinite(latents))):
             raise ValueError("latents hold NaN or inf")
         return latents.astype(self.dtype)
+
+    def _subject_embeddings(self, request: GenerationRequest, batch: int, params):
+        """(batch, num_query_tokens, hidden): given, the model's learned ones, or encoded from the reference."""
+        subject_embeddings = request.subject_embeddings
+        if subject_embeddings is None and request.reference_image is None:
+            if self.subject_embeddings is None:
+                raise ValueError("reference_image: required (this model has no learned subject embeddings)")
+            subject_embeddings = self._given_embeddings(self.subject_embeddings, "the model's learned subject_embeddings")
+        elif subject_embeddings is not None:
+            subject_embeddings = self._given_embeddings(subject_embeddings)
+        if subject_embeddings is None:
+            source = _as_list(request.source_subject_category, "source_subject_category")
+            reference = request.reference_image
+            images = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+            _broadcast(images, batch, "reference_image")
+            _broadcast(source, batch, "source_subject_category")
+            subject_embeddings = self.encode_subject(images, source, params)
+        subject_embeddings = jnp.asarray(subject_embeddings, self.dtype)
+        expected = (self.num_query_tokens, self.text_encoder.config.hidden_size)
+        if subject_embeddings.ndim != 3 or subject_embeddings.shape[1:] != expected:
+            raise ValueError(f"subject_embeddings has shape {tuple(subject_embeddings.shape)}, expected (n, {expected[0]}, {expected[1]})")
+        if subject_embeddings.shape[0] not in (1, batch):
+            raise ValueError(f"subject_embeddings holds {subject_embeddings.shape[0]} subjects for {batch} prompts")
+        return jnp.broadcast_to(subject_embeddings, (batch,) + expected)
+
+    def _extra_inputs(self, request: GenerationRequest, batch: int):
+        """A mode's own (batch arrays, scalars), checked before anything compiles; none for zero-shot
+        (ControlNet adds its control map)."""
+        return {}, {}
+
+    def _inputs(self, request: GenerationRequest) -> ProgramInputs:
+        """Checks `request` and encodes it as the program's inputs (host side: tokens, subject embeddings, noise)."""
+        if request.params is None:
+            raise ValueError("params: pass the params returned by from_pretrained")
+        prompts = _as_list(request.prompt, "prompt")
+        batch = len(prompts)
+        targets = _broadcast(_as_list(request.target_subject_category, "target_subject_category"), batch, "target_subject_category")
+        neg_prompt = request.neg_prompt if request.neg_prompt is not None else ""
+        neg_prompts = _broadcast(_as_list(neg_prompt, "neg_prompt"), batch, "neg_prompt")
+        guidance_scale, prompt_strength, prompt_reps = request.guidance_scale, request.prompt_strength, request.prompt_reps
+        self._check_common(request.height, request.width, request.num_inference_steps, guidance_scale, request.output_type)
+        if isinstance(prompt_strength, bool) or not isinstance(prompt_strength, (int, float, np.integer, np.floating)):
+            raise TypeError(f"prompt_strength must be a number, not {type(prompt_strength).__name__}")
+        if not math.isfinite(prompt_strength) or prompt_strength < 0:
+            raise ValueError(f"prompt_strength={prompt_strength} must be a finite number >= 0")
+        if isinstance(prompt_reps, bool) or not isinstance(prompt_reps, (int, np.integer)):
+            raise TypeError(f"prompt_reps must be an int, not {type(prompt_reps).__name__}")
+        if prompt_reps < 0:
+            raise ValueError(f"prompt_reps={prompt_reps} must be >= 0")
+        if request.jit and request.mesh is not None:
+            raise ValueError("jit and mesh: choose one multi-device path")
+        devices = jax.local_device_count() if request.jit else (request.mesh.devices.size if request.mesh is not None else 1)
+        if batch % devices:
+            raise ValueError(f"prompt: {batch} prompts cannot be split evenly over {devices} devices")
+        base_params = placement.unreplicated(request.params) if request.jit else request.params
+        extra_batch, extra_scalars = self._extra_inputs(request, batch)
+
+        prng_seed = as_prng_key(request.prng_seed) if request.prng_seed is not None else None
+        subject_embeddings = self._subject_embeddings(request, batch, base_params)
+        if self._over_budget([f"a {t} {p.strip()}" for p, t in zip(prompts, targets)]):
+            prompt_reps, prompt_strength = 1, 1.0  # repeating cannot change what is kept: skip tokenizing copies
+        prompt_ids, uncond_ids = self.prepare_inputs(self.build_prompts(prompts, targets, prompt_strength, prompt_reps), neg_prompts)
+        batch_arrays = {
+            "prompt_ids": prompt_ids,
+            "uncond_ids": uncond_ids,
+            "subject_embeds": subject_embeddings,
+            "latents": self._latents(request.latents, prng_seed, batch, request.height, request.width),
+            **extra_batch,
+        }
+        scalars = {"guidance_scale": jnp.asarray(guidance_scale, jnp.float32), **extra_scalars}
+        rng = jax.random.PRNGKey(0) if prng_seed is None else prng_seed
+        return ProgramInputs(batch_arrays, scalars, rng, int(request.num_inference_steps), guidance_scale > 1.0, devices)
 
     # ------------------------------------------------------------------ call
 
@@ -484,117 +477,112 @@ class FlaxBlipDiffusionPipeline(EditingMixin):
     ):
         """Generate images of the reference subject. Arguments as diffusers' `BlipDiffusionPipeline.__call__`,
         plus `params`, `prng_seed`, `jit` (pmap over all devices, params replicated: diffusers' Flax
-        convention), `mesh` (a `jax.sharding.Mesh`: the batch is sharded over its first axis),
-        `subject_embeddings` (from `encode_subject`, instead of a reference image) and `progress` (a
-        progress bar over the denoising steps, fed from inside the compiled loop)."""
-        return self._call(**{k: v for k, v in locals().items() if k != "self"})
+        convention, see `replicate`), `mesh` (a `jax.sharding.Mesh`: the batch is sharded over its first axis,
+        the params replicated; place them once with `shard_params`), `subject_embeddings` (from
+        `encode_subject`, instead of a reference image) and `progress` (a progress bar over the denoising
+        steps)."""
+        return self._run(GenerationRequest(
+            prompt=prompt, reference_image=reference_image, source_subject_category=source_subject_category,
+            target_subject_category=target_subject_category, params=params, prng_seed=prng_seed, latents=latents,
+            guidance_scale=guidance_scale, height=height, width=width, num_inference_steps=num_inference_steps,
+            neg_prompt=neg_prompt, prompt_strength=prompt_strength, prompt_reps=prompt_reps, output_type=output_type,
+            jit=jit, subject_embeddings=subject_embeddings, mesh=mesh, progress=progress))
 
-    def _call(self, prompt, reference_image, source_subject_category, target_subject_category, params, prng_seed,
-              latents, guidance_scale, height, width, num_inference_steps, neg_prompt, prompt_strength, prompt_reps,
-              output_type, jit, subject_embeddings, mesh, progress=False, prepare_extra=None):
-        """Shared by every entry point: validates, encodes, then runs one compiled program.
-        prepare_extra(batch_size) -> (extra batch arrays, extra scalars): a mode's own inputs, checked before
-        anything compiles."""
-        if params is None:
-            raise ValueError("params: pass the params returned by from_pretrained")
-        prompts = _as_list(prompt, "prompt")
-        batch = len(prompts)
-        targets = _broadcast(_as_list(target_subject_category, "target_subject_category"), batch, "target_subject_category")
-        neg_prompts = _broadcast(_as_list(neg_prompt if neg_prompt is not None else "", "neg_prompt"), batch, "neg_prompt")
-        self._check_common(height, width, num_inference_steps, guidance_scale, output_type)
-        if isinstance(prompt_strength, bool) or not isinstance(prompt_strength, (int, float, np.integer, np.floating)):
-            raise TypeError(f"prompt_strength must be a number, not {type(prompt_strength).__name__}")
-        if not math.isfinite(prompt_strength) or prompt_strength < 0:
-            raise ValueError(f"prompt_strength={prompt_strength} must be a finite number >= 0")
-        if isinstance(prompt_reps, bool) or not isinstance(prompt_reps, (int, np.integer)):
-            raise TypeError(f"prompt_reps must be an int, not {type(prompt_reps).__name__}")
-        if prompt_reps < 0:
-            raise ValueError(f"prompt_reps={prompt_reps} must be >= 0")
-        if jit and mesh is not None:
-            raise ValueError("jit and mesh: choose one multi-device path")
-        devices = jax.local_device_count() if jit else (mesh.devices.size if mesh is not None else 1)
-        if batch % devices:
-            raise ValueError(f"prompt: {batch} prompts cannot be split evenly over {devices} devices")
-        base_params = self._unreplicated(params) if jit else params
-        extra_batch, extra_scalars = prepare_extra(batch) if prepare_extra is not None else ({}, {})
-
-        if prng_seed is not None:
-            prng_seed = as_prng_key(prng_seed)
-        if subject_embeddings is None and reference_image is None:
-            if self.subject_embeddings is None:
-                raise ValueError("reference_image: required (this model has no learned subject embeddings)")
-            subject_embeddings = self._given_embeddings(self.subject_embeddings, "the model's learned subject_embeddings")
-        elif subject_embeddings is not None:
-            subject_embeddings = self._given_embeddings(subject_embeddings)
-        if subject_embeddings is None:
-            source = _as_list(source_subject_category, "source_subject_category")
-            images = list(reference_image) if isinstance(reference_image, (list, tuple)) else [reference_image]
-            _broadcast(images, batch, "reference_image")
-            _broadcast(source, batch, "source_subject_category")
-            subject_embeddings = self.encode_subject(images, source, base_params)
-        subject_embeddings = jnp.asarray(subject_embeddings, self.dtype)
-        expected = (self.num_query_tokens, self.text_encoder.config.hidden_size)
-        if subject_embeddings.ndim != 3 or subject_embeddings.shape[1:] != expected:
-            raise ValueError(f"subject_embeddings has shape {tuple(subject_embeddings.shape)}, expected (n, {expected[0]}, {expected[1]})")
-        if subject_embeddings.shape[0] not in (1, batch):
-            raise ValueError(f"subject_embeddings holds {subject_embeddings.shape[0]} subjects for {batch} prompts")
-        subject_embeddings = jnp.broadcast_to(subject_embeddings, (batch,) + expected)
-
-        if self._over_budget([f"a {t} {p.strip()}" for p, t in zip(prompts, targets)]):
-            prompt_reps, prompt_strength = 1, 1.0  # repeating cannot change what is kept: skip tokenizing copies
-        prompt_ids, uncond_ids = self.prepare_inputs(self.build_prompts(prompts, targets, prompt_strength, prompt_reps), neg_prompts)
-        batch_arrays = {
-            "prompt_ids": prompt_ids,
-            "uncond_ids": uncond_ids,
-            "subject_embeds": subject_embeddings,
-            "latents": self._latents(latents, prng_seed, batch, height, width),
-            **extra_batch,
-        }
-        scalars = {"guidance_scale": jnp.asarray(guidance_scale, jnp.float32), **extra_scalars}
-        rng = jax.random.PRNGKey(0) if prng_seed is None else prng_seed
-        images = self._execute(params, batch_arrays, scalars, rng, int(num_inference_steps), guidance_scale > 1.0, jit,
-                               mesh, devices, bool(progress))
-        return FlaxBlipDiffusionPipelineOutput(images=images if output_type == "np" else numpy_to_pil(images))
-
-    def _execute(self, params, batch, scalars, rng, num_inference_steps, do_cfg, jit, mesh, devices, progress=False):
-        """Run the compiled program on one device, pmapped (`jit=True`) or sharded over a mesh."""
-        with self._showing_progress(progress, num_inference_steps, "denoising"):
-            return self._run_program(params, batch, scalars, rng, num_inference_steps, do_cfg, jit, mesh, devices, progress)
-
-    def _run_program(self, params, batch, scalars, rng, num_inference_steps, do_cfg, jit, mesh, devices, progress):
-        size = batch["prompt_ids"].shape[0]
-        if jit:
-            # Host arrays: pmap splits them over the devices itself.
-            sharded = {k: np.asarray(v).reshape((devices, size // devices) + v.shape[1:]) for k, v in batch.items()}
-            result = self._generate_pmap(params, sharded, scalars, rng, num_inference_steps, do_cfg, progress)
-            result["images"] = result["images"].reshape((size,) + result["images"].shape[2:])
-        else:
-            if mesh is not None:
-                from jax.sharding import NamedSharding, PartitionSpec
-
-                if mesh.is_multi_process:
-                    # Onto a mesh spanning processes, device_put takes host data (the same in every process).
-                    batch, params = jax.device_get((batch, params))
-                batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])))
-                params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-            if progress:
-                result = self._run_in_chunks(params, batch, scalars, rng, num_inference_steps, do_cfg)
+    def _run(self, request: GenerationRequest) -> FlaxBlipDiffusionPipelineOutput:
+        """Checks and encodes `request`, then runs its compiled program: one program (`_generate_jit`), or
+        pmapped (`jit=True`), or sharded over a mesh (params placed unless they already are), or, with a
+        progress bar, as three programs without host callbacks (`_run_in_chunks`)."""
+        inputs = self._inputs(request)
+        params, batch, mesh, steps = request.params, inputs.batch, request.mesh, inputs.num_inference_steps
+        with self.progress.showing(bool(request.progress), steps, "denoising"):
+            if request.jit:
+                result = self._generate_pmap(params, placement.split_over_devices(batch, inputs.devices), inputs.scalars,
+                                             inputs.rng, steps, inputs.do_cfg, bool(request.progress))
+                result["images"] = result["images"].reshape((-1,) + result["images"].shape[2:])
             else:
-                result = self._generate_jit(params, batch, scalars, rng, num_inference_steps=num_inference_steps,
-                                            do_cfg=do_cfg)
-            if mesh is not None and mesh.is_multi_process:
-                # Multi-host: the outputs span other processes' devices; every process gets the whole batch.
-                from jax.experimental.multihost_utils import process_allgather
+                if mesh is not None:
+                    batch, params = placement.shard_batch(batch, mesh), placement.shard_params(params, mesh)
+                if request.progress:
+                    result = self._run_in_chunks(params, dataclasses.replace(inputs, batch=batch))
+                else:
+                    result = self._generate_jit(params, batch, inputs.scalars, inputs.rng, num_inference_steps=steps,
+                                                do_cfg=inputs.do_cfg)
+                if mesh is not None:
+                    result = placement.gathered(result, mesh)
+            result = jax.device_get(result)
+            jax.effects_barrier()  # every progress callback has run
+            images = np.asarray(result["images"], dtype=np.float32)
+            check_finite(result, steps)
+        return FlaxBlipDiffusionPipelineOutput(images=images if request.output_type == "np" else numpy_to_pil(images))
 
-                result = process_allgather(result, tiled=True)
-        result = jax.device_get(result)
-        jax.effects_barrier()  # every progress callback has run
-        images = np.asarray(result["images"], dtype=np.float32)
-        check_finite(result, num_inference_steps)
-        return images
+    def _run_in_chunks(self, params, inputs: ProgramInputs):
+        """The generation with a progress bar: start, one step per call, decoding (see __init__)."""
+        batch, scalars, rng, do_cfg = inputs.batch, inputs.scalars, inputs.rng, inputs.do_cfg
+        carry = self._generate_start_jit(params, batch, num_inference_steps=inputs.num_inference_steps, do_cfg=do_cfg)
+        steps, finish = self._generate_steps_jit, self._generate_finish_jit
+        carry = self.progress.queued_steps(lambda c, i, j: steps(params, batch, scalars, rng, c, i, j, do_cfg=do_cfg),
+                                           carry, inputs.num_inference_steps,
+                                           before_clock=lambda c: finish.lower(params, c).compile())
+        return finish(params, carry)
 
-    def _unreplicated(self, params):
-        leaf = params["unet"]["conv_in"]["kernel"]
-        if leaf.ndim != 5:
-            raise ValueError("params: with jit=True pass params replicated over devices (flax.jax_utils.replicate(params))")
-        return jax.tree_util.tree_map(lambda x: x[0], params)
+    # ------------------------------------------------------------------ editing (pipelines/editing.py)
+
+    def control_pixels(self, height: int, width: int) -> int:
+        """Spatial size of the lowest-resolution down block with cross-attention (LAVIS: 16x16 at 512x512)."""
+        return self.editor.control_pixels(height, width)
+
+    def invert(self, image, prompt, params=None, num_inference_steps: int = 50, height: int = 512, width: int = 512,
+               progress: bool = False):
+        """DDIM-invert a real image with `prompt` (no subject embeddings, guidance 1): latents (1, 4, h, w).
+        `progress`: a progress bar over the inversion steps."""
+        return self.editor.invert(image, prompt, params, num_inference_steps, height, width, progress)
+
+    def edit(
+        self,
+        prompt,
+        reference_image,
+        source_subject_category,
+        target_subject_category,
+        original_subject,
+        image=None,
+        params=None,
+        prng_seed=None,
+        latents=None,
+        guidance_scale: float = 7.5,
+        num_inference_steps: int = 50,
+        num_inversion_steps: int = 50,
+        cross_replace_steps=0.8,
+        self_replace_steps=0.4,
+        lb_threshold: float = 0.3,
+        neg_prompt: str = "",
+        height: int = 512,
+        width: int = 512,
+        output_type: str = "pil",
+        jit: bool = False,
+        subject_embeddings=None,
+        local_blend: bool = True,
+        controller: str = "refine",
+        equalizer: dict | None = None,
+        progress: bool = False,
+        placeholder_tokens: bool = True,
+    ):
+        """Edit `original_subject` into the reference subject. `image=None`: synthetic editing (both branches
+        generated from the same noise); `image` given: real-image editing (DDIM inversion, then DDIM).
+        `out.images` holds the source (generated or reconstructed) image, then the edited one.
+        `local_blend=False` turns LocalBlend off (the edited branch is not masked). `controller`: "refine"
+        (AttentionRefine, default) or "replace" (AttentionReplace: a same-length word swap); `equalizer`
+        ({word: scale} in the edited prompt) adds AttentionReweight on top.
+        `placeholder_tokens=True` (default) encodes the edited prompt as LAVIS does ("a" + "sks" x
+        num_query_tokens + target + prompt, with the subject embeddings spliced after "a" as well) and computes
+        the token mapper and word positions from the prompts as written, as LAVIS does; `False` encodes
+        "a {target} {prompt}" with the embeddings spliced and aligns the mapper on that sequence (see
+        `Editor.edit_tokens`)."""
+        return self.editor.edit(EditRequest(
+            prompt=prompt, reference_image=reference_image, source_subject_category=source_subject_category,
+            target_subject_category=target_subject_category, original_subject=original_subject, image=image,
+            params=params, prng_seed=prng_seed, latents=latents, guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps, num_inversion_steps=num_inversion_steps,
+            cross_replace_steps=cross_replace_steps, self_replace_steps=self_replace_steps, lb_threshold=lb_threshold,
+            neg_prompt=neg_prompt, height=height, width=width, output_type=output_type, jit=jit,
+            subject_embeddings=subject_embeddings, local_blend=local_blend, controller=controller, equalizer=equalizer,
+            progress=progress, placeholder_tokens=placeholder_tokens))

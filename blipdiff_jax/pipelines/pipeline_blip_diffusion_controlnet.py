@@ -12,10 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import components
+from ..checkpoint import is_converted_directory, load_converted
 from ..image_processing import preprocess_conditioning
 from ..models.attention import resolve_implementation
 from .inputs import give, prompts
 from .pipeline_blip_diffusion import FlaxBlipDiffusionPipeline
+from .request import ControlNetRequest
 
 
 _NO_CONTROLNET_EDITING = ("{}: ControlNet-guided editing is not supported; load the model with "
@@ -39,8 +41,6 @@ class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
         model plus `controlnet=PATH`, any SD 1.5 ControlNet directory in diffusers' PyTorch layout."""
         resolve_implementation(attention)
         path = cls._resolve(path, qformer_tokenizer)
-        from ..checkpoint import is_converted_directory, load_converted
-
         if from_pt and not is_converted_directory(path):
             return super().from_pretrained(path, from_pt=True, dtype=dtype, scheduler=scheduler,
                                            qformer_tokenizer=qformer_tokenizer, controlnet=controlnet,
@@ -120,16 +120,20 @@ class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
         scale = controlnet_conditioning_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) or not math.isfinite(scale):
             raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {scale!r}")
+        return self._run(ControlNetRequest(
+            prompt=prompt, reference_image=reference_image, source_subject_category=source_subject_category,
+            target_subject_category=target_subject_category, params=params, prng_seed=prng_seed, latents=latents,
+            guidance_scale=guidance_scale, height=height, width=width, num_inference_steps=num_inference_steps,
+            neg_prompt=neg_prompt, prompt_strength=prompt_strength, prompt_reps=prompt_reps, output_type=output_type,
+            jit=jit, subject_embeddings=subject_embeddings, mesh=mesh, progress=progress,
+            conditioning_image=conditioning_image, controlnet_conditioning_scale=scale))
 
-        def prepare_control(batch):
-            maps = list(conditioning_image) if isinstance(conditioning_image, (list, tuple)) else [conditioning_image]
-            if len(maps) not in (1, batch):
-                raise ValueError(f"conditioning_image has {len(maps)} images for {prompts(batch)} ({give(batch)})")
-            control = preprocess_conditioning(maps, height, width)
-            control = np.broadcast_to(control, (batch,) + control.shape[1:])
-            return {"control_image": control}, {"control_scale": jnp.asarray(scale, jnp.float32)}
-
-        return self._call(prompt, reference_image, source_subject_category, target_subject_category, params,
-                          prng_seed, latents, guidance_scale, height, width, num_inference_steps, neg_prompt,
-                          prompt_strength, prompt_reps, output_type, jit, subject_embeddings, mesh,
-                          progress=progress, prepare_extra=prepare_control)
+    def _extra_inputs(self, request: ControlNetRequest, batch: int):
+        """The control map(s), preprocessed and broadcast to the batch, and the conditioning scale."""
+        image = request.conditioning_image
+        maps = list(image) if isinstance(image, (list, tuple)) else [image]
+        if len(maps) not in (1, batch):
+            raise ValueError(f"conditioning_image has {len(maps)} images for {prompts(batch)} ({give(batch)})")
+        control = preprocess_conditioning(maps, request.height, request.width)
+        control = np.broadcast_to(control, (batch,) + control.shape[1:])
+        return {"control_image": control}, {"control_scale": jnp.asarray(request.controlnet_conditioning_scale, jnp.float32)}
