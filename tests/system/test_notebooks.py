@@ -1,0 +1,33 @@
+"""The notebooks run end to end on the embedded tiny model (BLIPDIFF_NOTEBOOK_MODEL=tiny), offline."""
+
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from support.paths import ROOT
+
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
+NAMES = sorted(n for n in os.listdir(NOTEBOOKS) if n.endswith(".ipynb"))
+
+
+def test_there_is_a_notebook_per_use():
+    for name in ("zero_shot.ipynb", "stylization_controlnet.ipynb", "editing.ipynb", "finetuning.ipynb"):
+        assert name in NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs_and_is_committed_without_outputs(name, monkeypatch):
+    path = os.path.join(NOTEBOOKS, name)
+    notebook = nbformat.read(path, as_version=4)
+    assert all(not cell.get("outputs") and cell.get("execution_count") is None
+               for cell in notebook.cells if cell.cell_type == "code"), "committed with stale outputs"
+    assert "colab.research.google.com" in notebook.cells[0].source
+    monkeypatch.setenv("BLIPDIFF_NOTEBOOK_MODEL", "tiny")
+    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}})
+    client.execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # images were shown
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "CpuDevice" in printed or "cuda" in printed.lower() or "tpu" in printed.lower()  # jax.devices() shown
