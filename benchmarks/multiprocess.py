@@ -60,6 +60,8 @@ def generate(model_dir: str, size: int, steps: int, mesh=None, log=lambda messag
     log(f"loaded in {time.perf_counter() - started:.1f}s")
     shape = (len(PROMPTS), pipeline.unet.in_channels, size // pipeline.latent_factor, size // pipeline.latent_factor)
     latents = np.random.RandomState(5).randn(*shape).astype(np.float32)
+    if mesh is not None:
+        params = pipeline.shard_params(params, mesh)  # placed once; every call then moves only the batch
     out = pipeline(PROMPTS, tiny.demo_reference_image(), "dog", TARGETS, params=params, latents=latents,
                    height=size, width=size, num_inference_steps=steps, output_type="np", mesh=mesh)
     return np.asarray(out.images)

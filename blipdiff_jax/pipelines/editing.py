@@ -205,7 +205,8 @@ class Editor:
     def _edit_program(self, params, scheduler_state, tokens, subject_embeds, latents, arrays, guidance_scale,
                       num_inference_steps, do_cfg, static, real_image):
         # bf16 on CPU: the text encoder's products on bf16 operands (models/bf16_matmul.py); the decoder as in
-        # generation (see _generate_traced). No block traces: the controller sees each attention in place.
+        # generation (see FlaxBlipDiffusionPipeline._generate). No block traces: the controller sees each
+        # attention in place.
         with self.pipeline.runtime.tracing(repeated_blocks=False):
             carry = self._edit_start_traced(params, scheduler_state, tokens, subject_embeds, latents, num_inference_steps,
                                             do_cfg, real_image, static.control_pixels)

@@ -15,6 +15,7 @@ import sys
 import warnings
 from functools import partial
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,8 +52,6 @@ def caller_stacklevel() -> int:
 
 def scheduler_from_config(config: dict):
     """The diffusers Flax scheduler named by a PyTorch `scheduler_config.json` (`PNDMScheduler` -> `FlaxPNDMScheduler`)."""
-    import diffusers
-
     name = config.get("_class_name", "PNDMScheduler")
     cls = getattr(diffusers, name if name.startswith("Flax") else "Flax" + name, None)
     if cls is None:

@@ -27,8 +27,10 @@ def _arrays(tree):
 
 def is_placed(params, sharding) -> bool:
     """Every leaf is a `jax.Array` already laid out as `sharding`."""
-    return all(isinstance(leaf, jax.Array) and (leaf.sharding == sharding or leaf.sharding.is_equivalent_to(sharding, leaf.ndim))
-               for leaf in _arrays(params))
+    def placed(leaf):
+        return isinstance(leaf, jax.Array) and (leaf.sharding == sharding or leaf.sharding.is_equivalent_to(sharding, leaf.ndim))
+
+    return all(placed(leaf) for leaf in _arrays(params))
 
 
 def shard_params(params, mesh):
