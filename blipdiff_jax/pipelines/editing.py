@@ -117,15 +117,16 @@ class Editor:
         levels = [i for i, kind in enumerate(self.pipeline.unet.down_block_types) if "CrossAttn" in kind]
         if not levels:
             raise ValueError("this UNet has no cross-attention: editing needs it")
-        step = 2 ** levels[-1]
-        return (height // self.pipeline.latent_factor // step) * (width // self.pipeline.latent_factor // step)
+        step, factor = 2 ** levels[-1], self.pipeline.latent_factor
+        return (height // factor // step) * (width // factor // step)
 
     def _word_positions(self, ids: list[int], word: str, argname: str) -> np.ndarray:
         """0/1 over 77 positions: every occurrence of `word`'s tokens in `ids`."""
-        tokens = self.pipeline.tokenizer(word, add_special_tokens=False).input_ids
+        pipeline = self.pipeline
+        tokens = pipeline.tokenizer(word, add_special_tokens=False).input_ids
         if not tokens:
             raise ValueError(f"{argname}: {word!r} tokenizes to nothing")
-        found = np.zeros(self.pipeline.max_text_length, np.float32)
+        found = np.zeros(pipeline.max_text_length, np.float32)
         for start in range(1, len(ids) - len(tokens) + 1):
             if ids[start:start + len(tokens)] == tokens:
                 found[start:start + len(tokens)] = 1.0
@@ -142,24 +143,25 @@ class Editor:
         prompts as written (LAVIS's ptp_utils), which hold the "sks" tokens but not the spliced embeddings.
         `False`: the edited branch reads "a {target} {prompt}" with the embeddings spliced, and the mapper is
         aligned on the sequence the encoder sees (placeholders at the embeddings' positions)."""
-        full, nq, pos = self.pipeline.max_text_length, self.pipeline.num_query_tokens, self.pipeline.ctx_begin_pos
+        pipeline, tokenizer = self.pipeline, self.pipeline.tokenizer
+        full, nq, pos = pipeline.max_text_length, pipeline.num_query_tokens, pipeline.ctx_begin_pos
         budget = full - nq
-        tokenize = lambda text, n: self.pipeline.tokenizer(text, truncation=True, max_length=n).input_ids  # noqa: E731
+        tokenize = lambda text, n: tokenizer(text, truncation=True, max_length=n).input_ids  # noqa: E731
         if placeholder_tokens:
             placeholder = " ".join(["sks"] * nq)
             source = f"a {original_subject} {prompt}"
             target = f"a {placeholder} {target_subject} {prompt}"
             source_ids, target_ids = tokenize(source, full), tokenize(target, budget)
             written = tokenize(target, full)  # LAVIS's mapper reads the edited prompt untruncated (<= 77)
-            lead = 1 + len(self.pipeline.tokenizer("a", add_special_tokens=False).input_ids)
-            held = range(lead, min(lead + len(self.pipeline.tokenizer(placeholder, add_special_tokens=False).input_ids), len(written)))
+            lead = 1 + len(tokenizer("a", add_special_tokens=False).input_ids)
+            held = range(lead, min(lead + len(tokenizer(placeholder, add_special_tokens=False).input_ids), len(written)))
             # AttentionReplace (no LAVIS counterpart here: ptp_utils refuses prompts of different word counts)
             # pairs the source's tokens with the edited prompt's other tokens; the "sks" positions keep their maps.
             for_replace = [PLACEHOLDER if j in held else t for j, t in enumerate(written)]
 
             def words(text, ids, word, argname):
                 found = np.zeros(full, np.float32)
-                found[lavis_word_positions(text, word, self.pipeline.tokenizer, full)] = 1.0
+                found[lavis_word_positions(text, word, tokenizer, full)] = 1.0
                 # A word LAVIS's whole-word rule cannot find (several words, glued to punctuation): its tokens.
                 return found if found.any() else self._word_positions(ids, word, argname)
         else:
@@ -190,7 +192,7 @@ class Editor:
                 if not where.any() or not np.isfinite(value):
                     raise ValueError(f"equalizer: {word!r} is not in the edited prompt {target!r} or its scale is not finite")
                 scales[where > 0] = float(value)
-        pad = lambda ids, n: self.pipeline.tokenizer.pad({"input_ids": [ids]}, padding="max_length", max_length=n)["input_ids"]  # noqa: E731
+        pad = lambda ids, n: tokenizer.pad({"input_ids": [ids]}, padding="max_length", max_length=n)["input_ids"]  # noqa: E731
         return {
             "source": np.asarray(pad(source_ids, full), np.int32),
             "target": np.asarray(pad(target_ids, budget), np.int32),
@@ -235,7 +237,8 @@ class Editor:
         text = {"params": params["text_encoder"]}
         # (unconditional,) source and target prompts in one pass (models/context_clip.encode_contexts)
         plain = jnp.concatenate([tokens["uncond"], tokens["source"]]) if do_cfg else tokens["source"]
-        context = encode_contexts(self.pipeline.text_encoder, text, plain, tokens["target"], subject_embeds, self.pipeline.ctx_begin_pos)
+        context = encode_contexts(self.pipeline.text_encoder, text, plain, tokens["target"], subject_embeds,
+                                  self.pipeline.ctx_begin_pos)
         if do_cfg:
             context = jnp.concatenate([context[:1], context])  # the unconditional context, for both branches
         state = scheduler.set_timesteps(scheduler_state, num_inference_steps=num_inference_steps, shape=latents.shape)
@@ -287,8 +290,9 @@ class Editor:
             return self._invert_steps_traced(params, carry, start, stop, num_inference_steps)
 
     def _invert_start_traced(self, params, scheduler_state, image, ids, num_inference_steps):
-        posterior = self.pipeline.vae.apply({"params": params["vae"]}, image, method=self.pipeline.vae.encode).latent_dist
-        latents = posterior.mean.transpose(0, 3, 1, 2) * self.pipeline.vae.config.scaling_factor
+        vae = self.pipeline.vae
+        posterior = vae.apply({"params": params["vae"]}, image, method=vae.encode).latent_dist
+        latents = posterior.mean.transpose(0, 3, 1, 2) * vae.config.scaling_factor
         context = self.pipeline.text_encoder.apply({"params": params["text_encoder"]}, ids)[0]
         state = self._edit_ddim().set_timesteps(scheduler_state, num_inference_steps=num_inference_steps, shape=latents.shape)
         return {"latents": latents, "context": context, "state": state}
@@ -300,10 +304,12 @@ class Editor:
         stride = scheduler.config.num_train_timesteps // num_inference_steps
         timesteps = state.timesteps[::-1]
 
+        runtime, unet = self.pipeline.runtime, self.pipeline.unet
+
         def body(i, x):
             t = timesteps[i]
-            with self.pipeline.runtime.unet_layers():
-                eps = self.pipeline.unet.apply({"params": params["unet"]}, x, jnp.broadcast_to(t, (x.shape[0],)), context).sample
+            with runtime.unet_layers():
+                eps = unet.apply({"params": params["unet"]}, x, jnp.broadcast_to(t, (x.shape[0],)), context).sample
             prev = t - stride
             a_from = jnp.where(prev >= 0, alphas[jnp.maximum(prev, 0)], state.final_alpha_cumprod)
             a_to = alphas[t]

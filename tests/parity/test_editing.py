@@ -29,7 +29,7 @@ def reference(torch_pipeline):
 def _torch_edit(ref, pipeline, params, latents, real_image, guidance=7.5, cross=0.8, self_steps=0.4, lb=0.3, blend=True,
                 original=ORIGINAL, controller="refine", equalizer=None, placeholder_tokens=True):
     """Run the generalised PyTorch reference on the same tokens, subject embeddings and schedules as ours."""
-    tokens = pipeline._edit_tokens(PROMPT, original, TARGET, controller, equalizer, placeholder_tokens)
+    tokens = pipeline.editor.edit_tokens(PROMPT, original, TARGET, controller, equalizer, placeholder_tokens)
     source_ids, target_ids = tokens["source"], tokens["target"]
     embeds = torch.from_numpy(np.array(pipeline.encode_subject(make_image(0), "dog", params)))
     uncond_ids = pipeline.tokenizer([""], padding="max_length", max_length=77, return_tensors="np").input_ids
@@ -303,7 +303,7 @@ def test_prompts_mapper_and_words_are_lavis(sd15):
     tok = pipeline.tokenizer
     src, tgt = lavis._build_prompts_edit(ORIGINAL, TARGET, LAVIS_PROMPT)
     assert tgt == f"a {' '.join(['sks'] * pipeline.num_query_tokens)} {TARGET} {LAVIS_PROMPT}"
-    ours = pipeline._edit_tokens(LAVIS_PROMPT, ORIGINAL, TARGET, "refine", {"sofa": 2.0})
+    ours = pipeline.editor.edit_tokens(LAVIS_PROMPT, ORIGINAL, TARGET, "refine", {"sofa": 2.0})
     np.testing.assert_array_equal(ours["source"][0], lavis._tokenize_text([src], with_query=False).input_ids[0].numpy())
     np.testing.assert_array_equal(ours["target"][0], lavis._tokenize_text([tgt], with_query=True).input_ids[0].numpy())
     mapper, alphas = lavis_ref.get_refinement_mapper([src, tgt], tok)
@@ -316,7 +316,7 @@ def test_prompts_mapper_and_words_are_lavis(sd15):
     equalizer = lavis_ref.get_equalizer(plain, "sofa", (2.0,), tok, num_subject_token=pipeline.num_query_tokens)
     np.testing.assert_array_equal(ours["equalizer"], equalizer[0].numpy())
     np.testing.assert_array_equal(lavis_word_positions(tgt, "sofa", tok), lavis_ref.get_word_inds(tgt, "sofa", tok))
-    replace = pipeline._edit_tokens(LAVIS_PROMPT, ORIGINAL, TARGET, "replace")
+    replace = pipeline.editor.edit_tokens(LAVIS_PROMPT, ORIGINAL, TARGET, "replace")
     matrix, held = lavis_ref.get_replacement_mapper([src, tgt], tok, num_placeholder_words=pipeline.num_query_tokens)
     np.testing.assert_array_equal(replace["mapper"], matrix[0].numpy())
     np.testing.assert_array_equal(replace["alphas"], held[0].numpy())

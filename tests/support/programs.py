@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 
 def abstract_generate_args(pipeline, params, latent_size: int = 8):
-    """Shape-only arguments for the pipeline's generation program (`_generate_jit`, `_generate_traced`): one
+    """Shape-only arguments for the pipeline's generation program (`_generate_jit`, `_generate`): one
     prompt, guidance on, `latent_size` square latents; to trace or compile it without running it."""
     S = jax.ShapeDtypeStruct
     hidden, budget = pipeline.text_encoder.config.hidden_size, pipeline.max_text_length - pipeline.num_query_tokens

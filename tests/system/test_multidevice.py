@@ -7,6 +7,8 @@ from support.images import make_image
 from flax.jax_utils import replicate
 from jax.sharding import Mesh
 
+from blipdiff_jax.pipelines import placement
+
 PROMPTS = ["on grass", "in snow", "at night", "on a boat"]
 
 
@@ -56,3 +58,48 @@ def test_controlnet_pmap_and_mesh_match_one_device(flax_controlnet_pipeline, ref
     meshed = pipeline(*args, params=params, mesh=Mesh(np.array(jax.devices()[:4]), ("data",)), **kwargs).images
     np.testing.assert_allclose(pmapped, single, rtol=0, atol=1e-5)
     np.testing.assert_allclose(meshed, single, rtol=0, atol=1e-5)
+
+
+def _recording_transfers(monkeypatch):
+    """The ids of every leaf handed to `jax.device_put` or `jax.device_get` from now on."""
+    moved = []
+    for name in ("device_put", "device_get"):
+        real = getattr(jax, name)
+
+        def recorded(tree, *args, _real=real, **kwargs):
+            moved.extend(id(leaf) for leaf in jax.tree_util.tree_leaves(tree))
+            return _real(tree, *args, **kwargs)
+
+        monkeypatch.setattr(jax, name, recorded)
+    return moved
+
+
+def test_params_placed_on_the_mesh_once_are_not_transferred_again(flax_pipeline, reference, monkeypatch):
+    pipeline, params = flax_pipeline
+    kwargs, single = reference
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    args = (PROMPTS, make_image(0), "dog", ["dog", "cat", "dog", "cat"])
+    unplaced = pipeline(*args, params=params, mesh=mesh, **kwargs).images
+    placed = pipeline.shard_params(params, mesh)
+    assert pipeline.shard_params(placed, mesh) is placed
+    moved = _recording_transfers(monkeypatch)
+    for _ in range(2):
+        out = pipeline(*args, params=placed, mesh=mesh, **kwargs).images
+        np.testing.assert_array_equal(out, unplaced)
+    assert moved, "the batch still goes to the devices"
+    assert not {id(leaf) for leaf in jax.tree_util.tree_leaves(placed)} & set(moved)
+    np.testing.assert_allclose(out, single, rtol=0, atol=1e-5)
+
+
+def test_replicated_params_are_recognised_by_their_sharding(flax_pipeline, reference):
+    pipeline, params = flax_pipeline
+    kwargs, single = reference
+    replicated = pipeline.replicate(params)
+    assert placement.is_replicated(replicated) and placement.is_replicated(replicate(params))
+    assert not placement.is_replicated(params)
+    # One kernel stacked per device is not a replicated tree.
+    stacked_kernel = jax.tree_util.tree_map(lambda x: x, params)
+    stacked_kernel["unet"]["conv_in"]["kernel"] = replicated["unet"]["conv_in"]["kernel"]
+    assert not placement.is_replicated(stacked_kernel)
+    out = pipeline(PROMPTS, make_image(0), "dog", ["dog", "cat", "dog", "cat"], params=replicated, jit=True, **kwargs).images
+    np.testing.assert_allclose(out, single, rtol=0, atol=1e-5)
