@@ -14,9 +14,9 @@ import sys
 import tempfile
 import time
 
+from . import TOY_GUIDANCE
 from .host_memory import tune_host_memory
 
-TOY_GUIDANCE = 5.0  # the shipped toy model's guidance (benchmarks/results-toy.md)
 
 
 class _OneLineParser(argparse.ArgumentParser):

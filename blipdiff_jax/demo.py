@@ -8,12 +8,14 @@ colour and the pattern can come from nowhere but the reference.
 
 from __future__ import annotations
 
+from . import TOY_GUIDANCE
+
 DEMO_SUBJECTS = (("star", "yellow", "solid"), ("square", "blue", "striped"), ("triangle", "pink", "striped"))
 DEMO_BACKGROUNDS = ("gray", "beige", "black")
 SCALE = 4  # the 32-pixel pictures are shown 4x, pixels kept sharp
 
 
-def transfer_sheet(pipeline, params, seed: int = 0, steps: int = 25, guidance: float = 5.0, subjects=DEMO_SUBJECTS,
+def transfer_sheet(pipeline, params, seed: int = 0, steps: int = 25, guidance: float = TOY_GUIDANCE, subjects=DEMO_SUBJECTS,
                    backgrounds=DEMO_BACKGROUNDS, progress: bool = False):
     """(PIL sheet, settings): one row per subject, reference then one generation per background."""
     import jax

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from .. import tiny, toyworld
+from ..runtime.quiet import quiet_flax_notices, quietly
 
 NUM_QUERY_TOKENS = 4
 HIDDEN = 64
@@ -138,6 +139,7 @@ def toy_images(seed: int, step: int, batch: int) -> np.ndarray:
     return np.stack([np.asarray(im, np.float32).transpose(2, 0, 1) / 127.5 - 1.0 for im in out])
 
 
+@quietly  # diffusers' Flax deprecation notice, once per module built and traced
 def train_toy_vae(model, steps: int = 1500, batch: int = 32, learning_rate: float = 1e-3, kl_weight: float = 1e-6,
                   decoder_noise: float = 0.3, seed: int = 0, progress: bool = True):
     """Train the VAE of `model` on toy pictures (reconstruction MSE + a small KL, the decoder fed latents with
@@ -236,8 +238,8 @@ def pretrain_toy(out: str, seed: int = 0, resume: bool = False, progress: bool =
             model = train_toy_vae(build_toy_model(workdir, seed), steps=vae_steps, seed=seed, progress=progress)
             save_converted(model, base)
         vae_seconds = time.time() - started
-    model = load_converted(base)
-    trainer = SubjectPretrainer(model, config, names=names, keep_in_out=(BASE_DIR,))
+    with quiet_flax_notices():
+        trainer = SubjectPretrainer(load_converted(base), config, names=names, keep_in_out=(BASE_DIR,))
     trainer.train()
     total = time.time() - started
     info_path = os.path.join(out, INFO_FILE)

@@ -344,9 +344,9 @@ def test_cli_refuses_bad_combinations(tmp_path, capsys):
 def test_shipped_toy_model_takes_the_colour_of_its_reference():
     """Two held-out subjects of far-apart colours, the same prompts and noise: swapping the reference moves
     the generations' saturated pixels toward the new reference's colour, both ways (measured here: mean
-    distance to orange 110 from the orange reference against 152 from the blue one; to blue 189 against
-    241). benchmarks/results-toy.md has the full measurement."""
-    from blipdiff_jax import TOY_MODEL, FlaxBlipDiffusionPipeline
+    distance to orange 64 from the orange reference against 281 from the blue one; to blue 75 against
+    274). benchmarks/results-toy.md has the full measurement."""
+    from blipdiff_jax import TOY_GUIDANCE, TOY_MODEL, FlaxBlipDiffusionPipeline
 
     assert os.path.isfile(os.path.join(TOY_MODEL, "model_index.json")), f"the toy model is not shipped at {TOY_MODEL}"
     pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(TOY_MODEL)
@@ -359,7 +359,7 @@ def test_shipped_toy_model_takes_the_colour_of_its_reference():
     for subject in subjects:
         reference = toyworld.render_subject(*subject, None, seed=1)
         out = pipeline([toyworld.prompt_for(b) for b in backgrounds], reference, subject[0], subject[0], params=params,
-                       latents=latents, height=32, width=32, num_inference_steps=25, guidance_scale=5.0, output_type="np")
+                       latents=latents, height=32, width=32, num_inference_steps=25, guidance_scale=TOY_GUIDANCE, output_type="np")
         images = np.asarray(out.images) * 255
         assert images.shape == (len(backgrounds), 32, 32, 3) and np.isfinite(images).all()
         high, low = images.max(-1), images.min(-1)
@@ -367,4 +367,4 @@ def test_shipped_toy_model_takes_the_colour_of_its_reference():
         pixels = images[saturated]
         distances.append([np.linalg.norm(pixels - c, axis=-1).mean() for c in colours])
     distances = np.array(distances)  # [generated from subject i, distance to colour j]
-    assert distances[0, 0] < distances[1, 0] - 20 and distances[1, 1] < distances[0, 1] - 20, distances
+    assert distances[0, 0] < distances[1, 0] - 100 and distances[1, 1] < distances[0, 1] - 100, distances
