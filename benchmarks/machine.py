@@ -1,5 +1,5 @@
-"""What CPU a benchmark ran on. Sessions of this project draw different 2-core machines (an AMD EPYC with AVX2,
-an Intel Xeon with AVX-512 and AMX), and the ratios depend on which: every table names it."""
+"""What CPU a benchmark ran on. The benchmarks run on different 2-core machines (an AMD EPYC with AVX2, an
+Intel Xeon with AVX-512 and AMX), and the ratios depend on which: every table names it."""
 
 from __future__ import annotations
 

@@ -58,15 +58,12 @@ def prefer_memory_on_cpu() -> bool:
 
 # ------------------------------------------------------------------------------------- convolutions on CPU
 # XLA's CPU backend (jax 0.10) hands each convolution to YNNPACK by default (the "individual_convolution"
-# library fusion); without it, a convolution runs on XLA's own Eigen kernel. Measured on a 2-core Xeon with
-# AVX-512 (2026-11-26, fp32, batch 2, 3x3 convolutions of the 512x512 UNet): 64x64x320 61 -> 45 ms,
-# 32x32x640 60 -> 45 ms, 32x32 1280->640 166 -> 90 ms, 64x64 960->320 218 -> 141 ms (PyTorch's oneDNN: 49, 42,
-# 74, 108 ms); a convolution's gradient 109 -> 92 ms (64x64x320). On the 2-core AMD EPYC (AVX2) of earlier
-# sessions the same choice ("--xla_cpu_experimental_ynn_fusion_type=dot") was within that machine's noise
-# (one run 7% faster per UNet step, another 8% slower).
+# library fusion); without it, a convolution runs on XLA's own Eigen kernel, which is faster for every 3x3
+# convolution of the UNet and their gradients on AVX-512 CPUs and within noise on AVX2 (numbers in
+# docs/performance.md).
 # So our CPU programs keep YNNPACK for what else it takes (matmuls, reductions) and leave convolutions to
 # Eigen. Unlike the scheduler above, this option is read per program, so it is passed to `jax.jit`. The list
-# is the backend's default (checked in tests/test_compilation.py) less the convolution.
+# is the backend's default (checked in tests/runtime/test_compilation.py) less the convolution.
 YNN_FUSION_TYPES = "xla_cpu_experimental_ynn_fusion_type"
 YNN_WITHOUT_CONVOLUTIONS = ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("DOT", "REDUCE", "INDIVIDUAL_DOT"))
 

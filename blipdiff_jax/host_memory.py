@@ -46,11 +46,9 @@ AFTER_READING = 32 * 1024 * 1024
 # glibc's trim threshold: a heap arena's free top larger than this goes back to the OS when a block is freed.
 # Setting the mmap threshold turns glibc's own rule off (which would raise it to twice the mmap threshold), so
 # it stays at 128 KiB: every freed scratch buffer at the top of an arena went back to the OS, to be faulted in
-# again by the next operation. A 512x512 fp32 UNet step took 730,000 page faults and 1.0 s of system time so,
-# 93,000 and 0.2 s at 16 MiB (2-core Xeon, 2026-11-27; what is left is mostly XLA's temporaries, one block
-# above the mmap threshold, mapped afresh per call); a 2-step 512x512 image 26.3-26.7 s instead of 27.5-29.4.
-# 64 MiB saved little more (80,000 faults), and it, or a high threshold while XLA compiles, raised the bf16
-# generation's cold peak from 4.08 to 4.21 GiB; so 16 MiB, and 128 KiB while compiling.
+# again by the next operation. 16 MiB keeps them (an eighth of the page faults); 64 MiB saved little more, and
+# it, or a high threshold while XLA compiles, raised the bf16 cold peak; so 16 MiB, and 128 KiB while
+# compiling (numbers in docs/performance.md).
 TRIM_WHILE_RUNNING = 16 * 2**20
 TRIM_WHILE_COMPILING = MMAP_THRESHOLD
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's <malloc.h>

@@ -34,12 +34,9 @@ from .feed_forward import halved_to_fit
 
 IMPLEMENTATIONS = ("auto", "blockwise", "cudnn", "dot_product", "xla")
 FUSED_DTYPES = (jnp.float16, jnp.bfloat16)
-# Score elements (queries x keys) per block: 16 MiB in fp32. Measured on a 2-core Xeon (AVX-512), one 64x64
-# self-attention of a 512x512 UNet step (16 heads x 4096 queries x 4096 keys, d=40): 256 queries per block
-# (4 MiB) 320-356 ms, 1024 (16 MiB) 261-300 ms, 2048 263-280 ms, 4096 (a whole head, 64 MiB) 521 ms, all at once
-# 833 ms; PyTorch's fused CPU kernel 214-220 ms. XLA's CPU runtime pays ~0.2 ms per loop iteration, which
-# favours few large blocks, up to the point where a block no longer stays in the (last-level) cache. At 32x32
-# (1024 queries, d=80) a head per block: 31.5 ms against 45.7 (256 queries) and 73.7 (all at once).
+# Score elements (queries x keys) per block: 16 MiB in fp32. XLA's CPU runtime pays ~0.2 ms per loop iteration,
+# which favours few large blocks, up to the point where a block no longer stays in the (last-level) cache
+# (numbers in docs/performance.md).
 SCORES_PER_BLOCK = 4 * 2**20
 
 
@@ -78,10 +75,7 @@ def _softmax_attention(scaled_query, key, value, out_dtype=None):
 def _softmax_attention_bf16(scaled_query, key, value, out_dtype):
     """The same in bf16 on CPU: both products on bf16 operands summed in fp32 (models/bf16_matmul.py), the
     softmax in fp32, the probabilities rounded to bf16 once and normalised by the sum of those rounded
-    values. One 512x512 UNet step in bf16 on a 2-core Xeon (2026-11-26): 3.6-4.1 s so; 4.0-4.1 s with the
-    sum over the fp32 probabilities (a second pass over them); 4.0-4.9 s with the sum taken by the second
-    product from a column of ones appended to `value` (XLA then fuses softmax and both products into one
-    slower kernel)."""
+    values: the fastest of the normalisations tried (numbers in docs/performance.md)."""
     scores = bf16_matmul.einsum("...id,...jd->...ij", scaled_query, key)
     probs = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True))).astype(jnp.bfloat16)
     weighted = bf16_matmul.einsum("...ij,...jd->...id", probs, value)

@@ -3,8 +3,8 @@
 XLA's CPU backend has no bf16 arithmetic but its matrix products. A bf16 x bf16 -> bf16 dot (what Flax's
 `nn.Dense` and `nn.Conv` write with bf16 params) is rewritten into converts to fp32 and an fp32 dot, while a
 bf16 x bf16 dot that asks for an fp32 result (`preferred_element_type`) runs on YNNPACK's bf16 kernel (AMX /
-AVX512-BF16 where the CPU has them). Measured on a 2-core Xeon with AMX (2026-11-26): 0.8-1.4 TFLOP/s on the
-UNet's shapes against 0.2-0.3 TFLOP/s for the fp32 dot. The numbers are the same: a product of two bf16 is
+AVX512-BF16 where the CPU has them), several times faster than the fp32 dot on the UNet's shapes (numbers in
+docs/performance.md). The numbers are the same: a product of two bf16 is
 exact in fp32 and both forms sum in fp32, so the results differ by summation order only.
 
 So, where a layer computes in bf16 on CPU, its products run here: `nn.Dense` as `dense`, stride-1

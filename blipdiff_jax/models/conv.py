@@ -3,11 +3,9 @@ and Winograd's F(2x2, 3x3) for the VAE decoder's strips (models/vae_decode.py).
 
 XLA's CPU convolution slows down as the image shrinks and the channels grow, its matrix product does not. A 1x1
 conv is the same product with no copy, at least as fast at every size. For a 3x3 conv the product is over im2col
-patches, (pixels x 9*channels) @ (9*channels x out). Measured on a 2-core Xeon with AVX-512 (2026-11-26, fp32,
-batch 2, convolutions on XLA's Eigen kernel as our CPU programs compile them, see compilation.py): at 8x8x1280
-17 ms as a matmul against 20 as a convolution (PyTorch 30); at 16x16x1280 78 against 61 (PyTorch 63). On the
-2-core AMD EPYC (AVX2) of earlier sessions, with XLA's default YNNPACK convolution, the matmul won at 16x16 too
-(~80 against ~60 GFLOP/s). So, on CPU: 1x1 convs always, and stride-1 3x3 convs at up to `MAX_PIXELS` pixels,
+patches, (pixels x 9*channels) @ (9*channels x out). Against XLA's Eigen convolution (as our CPU programs
+compile them, see compilation.py) the matmul wins at 8x8 and loses at 16x16 (numbers in docs/performance.md).
+So, on CPU: 1x1 convs always, and stride-1 3x3 convs at up to `MAX_PIXELS` pixels,
 become matmuls; the result equals the convolution up to float summation order.
 
 In bf16 on CPU every stride-1 3x3 conv becomes bf16 products, at any size: XLA's convolution has no bf16

@@ -4,9 +4,8 @@ interception.
 diffusers' `FlaxFeedForward` projects every token to 8 x dim (the GEGLU's two halves), then back to dim. At a
 512x512 UNet's 64x64 level that hidden state is 8192 x 2560 fp32, 84 MB, written by one product and read back
 by the next: XLA's CPU backend runs the layers one at a time, so it goes out to memory and back. Run over
-chunks of rows (`lax.map`), each chunk's hidden state stays in the cache. Measured on a 2-core Xeon (AVX-512,
-2026-11-27, fp32, batch 2): 64x64x320 112 -> 77 ms, 32x32x640 85 -> 72 ms (PyTorch's FeedForward: 114 and
-73 ms); at 16x16x1280 two chunks were slower than none (80 against 73 ms), hence `MIN_CHUNKS`. Every row is computed
+chunks of rows (`lax.map`), each chunk's hidden state stays in the cache: faster at 64x64 and 32x32, while at
+16x16 two chunks were slower than none, hence `MIN_CHUNKS` (numbers in docs/performance.md). Every row is computed
 as before, by the same modules, so only the products' summation order may change.
 """
 

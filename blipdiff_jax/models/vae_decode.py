@@ -19,8 +19,8 @@ statistics and the shortcut, a second computes it again for the first convolutio
 
 In fp32 the strips' 3x3 convolutions run by Winograd's F(2x2, 3x3) (models/conv.py), in strips of 8 rows
 (`FP32_STRIP_ROWS`). XLA's CPU convolution ran these layers (1.7 of the decoder's 2.4 TFLOP at 512x512) at
-~80 GFLOP/s, and the decode took 37-44 s against PyTorch's 24-27 s; with Winograd, 26-27 s (2-core CPU,
-2026-11-26), with temporaries of 0.362 GiB instead of 0.347.
+~80 GFLOP/s; Winograd brings the fp32 decode level with PyTorch's for slightly more temporaries (numbers in
+docs/performance.md).
 
 Everything before those blocks (post-quant conv, conv_in, the mid block with its attention) runs through
 diffusers' own `FlaxAutoencoderKL` modules, with the same params.

@@ -82,7 +82,7 @@ def test_real_image_editing_with_the_blockwise_kernel(converted_model, small_blo
     controller leaves alone (none in the tiny UNet, whose only cross-attention level is the control
     resolution). DDIM inversion amplifies float rounding (it runs the model backwards, from the image to its
     noise): the same 3-step edit differs from diffusers' attention by 2.2e-3 at most and 2e-4 on average
-    (measured 2026-11-26 with the scale folded into the queries; 1.3e-3 at most before; 2.3e-3 on an H100),
+    (measured with the scale folded into the queries; 2.3e-3 on an H100),
     while the edit itself moves pixels by 0.045 on average. Held to twice that worst case, and to a mean 100x
     below the edit's."""
     edits = {}

@@ -159,7 +159,7 @@ def test_bf16_generation_runs_text_encoder_and_unet_products_on_bf16(converted_m
     The products XLA still runs in fp32 are the attention-score einsums of transformers' CLIP text encoder (two
     per layer) and the VAE decoder's (see `FlaxBlipDiffusionPipeline._generate`: its bf16 products cost the compile 0.14 GiB): its
     mid-block attention (four `nn.Dense`, two einsums) and two 1x1 convolutions XLA runs as dots. Listed on the
-    tiny model, 2026-11-26: 4 + 8. The UNet's convolutions are checked above."""
+    tiny model: 4 + 8. The UNet's convolutions are checked above."""
     from support.programs import abstract_generate_args
 
     from blipdiff_jax import FlaxBlipDiffusionPipeline

@@ -118,8 +118,8 @@ def test_non_finite_values_are_reported_with_their_component(flax_pipeline, comp
 
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.bfloat16, 0.05), (jnp.float16, 0.01)])
 def test_half_precision_tolerance_against_pytorch_fp32(torch_pipeline, converted_model, dtype, tolerance):
-    """Measured on the tiny model: bf16 max abs 0.0168 (mean 0.0027; 0.020 before the bf16 products of
-    models/bf16_matmul.py), fp16 max 0.0026; the bounds are stated."""
+    """Measured on the tiny model: bf16 max abs 0.0168 (mean 0.0027; bf16 products of models/bf16_matmul.py),
+    fp16 max 0.0026; the bounds are stated."""
     pipeline, params = FlaxBlipDiffusionPipeline.from_converted(converted_model, dtype=dtype)
     latents = np.random.RandomState(0).randn(2, 4, 16, 16).astype(np.float32)
     args = (["swimming", "on a sofa"], [make_image(0), make_image(1)], ["dog", "cat"], ["dog", "cat"])
