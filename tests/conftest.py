@@ -25,7 +25,7 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["BLIPDIFF_JAX_CACHE"], "jax-cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # On a GPU, JAX's default fp32 matmuls and convolutions use TF32 (a 10-bit mantissa): errors of ~1e-3 against
-# the fp32 references, where the parity tolerances are 1e-5 (seen on an H100, 2026-11-26). Full fp32 there, as
+# the fp32 references, where the parity tolerances are 1e-5 (seen on an H100). Full fp32 there, as
 # on CPU, where this changes nothing.
 if jax.default_backend() == "gpu":
     jax.config.update("jax_default_matmul_precision", "highest")
