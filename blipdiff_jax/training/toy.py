@@ -88,7 +88,6 @@ def configs(bert_dir: str, clip_dir: str) -> dict:
             "qformer_config": {"vocab_size": bert_vocab_size(bert_dir) + 1, "hidden_size": HIDDEN, "num_hidden_layers": 2,
                                "num_attention_heads": 4, "intermediate_size": 2 * HIDDEN, "max_position_embeddings": 32,
                                "cross_attention_frequency": 1, "encoder_hidden_size": HIDDEN},
-            "tokenizer": bert_dir,
         },
         "text_encoder": {"vocab_size": clip_vocab, "hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN,
                          "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
