@@ -141,6 +141,7 @@ def test_qformer_tokenizer_absent_offline_says_how_to_fix(torch_pipeline_dir, tm
         read_pytorch_directory(str(copy))
 
 
+@pytest.mark.slow
 def test_cli_converts_and_loads_without_torch(torch_pipeline_dir, tmp_path):
     out = tmp_path / "flax"
     env = dict(os.environ, PYTHONPATH=ROOT)

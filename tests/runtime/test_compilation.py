@@ -48,6 +48,7 @@ def _run(mode: str, xla_flags: str = "") -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_default_scheduler_holds_every_fp32_weight_and_ours_does_not():
     default, preferred = _run("default"), _run("prefer")
     assert default["temp_mib"] >= 0.9 * FP32_WEIGHTS_MIB  # all 16 converted weights live at once
@@ -57,6 +58,7 @@ def test_default_scheduler_holds_every_fp32_weight_and_ours_does_not():
     assert preferred["loop_temp_mib"] <= 0.2 * FP32_WEIGHTS_MIB
 
 
+@pytest.mark.slow
 def test_a_choice_already_made_is_kept():
     assert _run("late")["after_start"] is False  # JAX started: too late, and said so
     kept = _run("prefer", xla_flags=f"--{compilation.FLAG_NAME}=true")

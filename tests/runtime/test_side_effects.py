@@ -71,6 +71,7 @@ print("RESULT " + json.dumps({"before": before, "after_import": after_import, "a
 """
 
 
+@pytest.mark.slow
 def test_importing_building_and_generating_change_nothing_process_wide():
     env = {k: v for k, v in os.environ.items() if k != "BLIPDIFF_JAX_TUNE_MALLOC"}
     done = subprocess.run([sys.executable, "-c", FRESH_PROCESS % {"blocks": UNET_BLOCKS}], capture_output=True,

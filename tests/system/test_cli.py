@@ -21,6 +21,7 @@ def test_tiny_demo_writes_a_png_offline(tmp_path, capsys):
     assert "RANDOM weights" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_draws_the_toy_transfer_picture(tmp_path):
     """The README's first command: the shipped toy model, a row per held-out subject (reference, then three
     backgrounds), each generation read back by the toy analyser: 7 of the 9 take their reference's colour and

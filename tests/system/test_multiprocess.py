@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from multiprocess import cpu_collectives_available  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.skipif(not cpu_collectives_available(), reason="this jaxlib has no CPU collectives (no gloo TCP collectives)")
 def test_two_processes_match_one_process():

@@ -460,6 +460,7 @@ def test_cli_edit_shows_progress_bars_without_changing_the_edit(flax_pipeline, c
 # ------------------------------------------------------------------ 2: the compile cache with the progress bar
 
 
+@pytest.mark.slow
 def test_a_second_cli_run_loads_the_generation_from_the_persistent_cache(generate, tmp_path):
     """The CLI always shows the progress bar; the generation's programs still go into the persistent cache,
     and a new process loads them from it (JAX logs each hit when compiles are logged)."""

@@ -16,6 +16,7 @@ def test_there_is_a_notebook_per_use():
         assert name in NAMES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_and_is_committed_without_outputs(name, monkeypatch):
     path = os.path.join(NOTEBOOKS, name)

@@ -134,6 +134,7 @@ def torch_loss_and_grads(torch_pipeline, latents, noise, timesteps, input_ids, e
     return float(value.detach()), grads
 
 
+@pytest.mark.slow
 def test_loss_and_gradients_match_lavis_in_pytorch(converted_model, pipe, torch_pipeline, uninterrupted, one_device):
     import torch
 
@@ -181,6 +182,7 @@ def test_loss_and_gradients_match_lavis_in_pytorch(converted_model, pipe, torch_
     assert sum(eqn.primitive.name.startswith(("remat", "checkpoint")) for eqn in jaxpr.eqns) == blocks
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_in_bf16_with_float32_master_weights(converted_model, pipe, uninterrupted, one_device):
     """Traced only (a bf16 train step is one more compile): every convolution and matmul of the forward and
     backward pass takes bf16 operands (on CPU they sum into fp32, models/bf16_matmul.py), the loss and the
@@ -206,6 +208,7 @@ def test_bfloat16_computes_in_bf16_with_float32_master_weights(converted_model, 
 # ---------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_three_images(uninterrupted):
     """At learning rate 1e-3 the mean loss of the last 10 steps is under half that of the first 10."""
     trainer, out = uninterrupted
@@ -215,6 +218,7 @@ def test_tiny_model_overfits_three_images(uninterrupted):
     assert last < 0.5 * first, (first, last)
 
 
+@pytest.mark.slow
 def test_data_parallel_on_4_devices_matches_one_device(converted_model, pipe, image_dir, uninterrupted, one_device, tmp_path):
     """The first step on 4 devices against the same loss on one device: the loss, and the gradients (AdamW's
     first moment after one step is exactly (1 - b1) * gradient)."""
@@ -236,6 +240,7 @@ class Killed(BaseException):
     """Stands for a kill (SIGINT and the like): not an `Exception`, so nothing on the way catches it."""
 
 
+@pytest.mark.slow
 def test_stop_kill_and_resume_equal_an_uninterrupted_run(converted_model, pipe, image_dir, uninterrupted, tmp_path):
     """Stopped after step 17 (checkpoints at 15 and 17), resumed and killed during step 28, resumed again: the
     final params equal the uninterrupted run's, and the loss log holds every step once with the same losses."""
@@ -266,6 +271,7 @@ def test_stop_kill_and_resume_equal_an_uninterrupted_run(converted_model, pipe, 
     assert [e["loss"] for e in read_log(out)] == pytest.approx([e["loss"] for e in read_log(reference.out)], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_export_loads_and_generates_with_the_learned_embeddings(uninterrupted):
     from blipdiff_jax import FlaxBlipDiffusionPipeline
 
@@ -356,6 +362,7 @@ def finetune_args(argv):
     return parser.parse_args(["finetune"] + argv)
 
 
+@pytest.mark.slow
 def test_cli_finetunes_the_dreambooth_dog(converted_model, tmp_path):
     from blipdiff_jax.checkpoint import save_converted
     from blipdiff_jax.training.cli import run_finetune
@@ -387,6 +394,7 @@ def test_cli_errors_name_the_flag(image_dir, tmp_path):
             run_finetune(finetune_args(base + extra))
 
 
+@pytest.mark.slow
 def test_cli_takes_a_hub_id(converted_model, image_dir, tmp_path, monkeypatch):
     """A Hub id resolves as for generate (downloaded and converted once); offline and uncached, the error
     names --model and the id."""

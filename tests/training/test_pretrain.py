@@ -129,6 +129,7 @@ def test_dropout_gives_the_unconditional_context_and_zero_subjects(converted_mod
     np.testing.assert_allclose(float(no_caption), unet_loss(jnp.broadcast_to(uncond, cond.shape)), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_v_prediction_learns_the_velocity_of_diffusers_ddpm(converted_model, pipe):
     """A scheduler with prediction_type "v_prediction" (the toy model's) trains the UNet on the velocity
     diffusers' PyTorch `DDPMScheduler.get_velocity` gives (rtol 1e-5); an unknown type is refused."""
@@ -341,6 +342,7 @@ def test_cli_refuses_bad_combinations(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- shipped model
 
 
+@pytest.mark.slow
 def test_shipped_toy_model_takes_the_colour_of_its_reference():
     """Two held-out subjects of far-apart colours, the same prompts and noise: swapping the reference moves
     the generations' saturated pixels toward the new reference's colour, both ways (measured here: mean
