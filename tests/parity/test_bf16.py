@@ -6,6 +6,7 @@ The bound is the zero-shot one (0.05 max abs on images in [0, 1]); the measured 
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from support.images import edge_picture, make_image
 
@@ -16,6 +17,7 @@ BF16_TOLERANCE = 0.05
 PROMPTS = ["on a marble table", "in a garden"]
 
 
+@pytest.mark.slow
 def test_controlnet_bf16_against_pytorch_fp32(torch_controlnet_pipeline, torch_controlnet_pipeline_dir):
     """Measured with bf16 products on CPU (models/bf16_matmul.py): max abs 0.0165."""
     pipeline, params = FlaxBlipDiffusionControlNetPipeline.from_pretrained(torch_controlnet_pipeline_dir, from_pt=True,
@@ -32,6 +34,7 @@ def test_controlnet_bf16_against_pytorch_fp32(torch_controlnet_pipeline, torch_c
     np.testing.assert_allclose(ours, ref, rtol=0, atol=BF16_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_editing_bf16_against_fp32(converted_model, flax_pipeline):
     """Against our fp32 edit, which test_editing.py holds to LAVIS's PyTorch semantics within 2e-3.
     Measured with bf16 products on CPU: max abs 0.0157."""

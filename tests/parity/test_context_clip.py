@@ -113,6 +113,7 @@ print(json.dumps(dict(two=temp(two_passes), one=temp(one_pass))))
 FP32_LAYER_WEIGHTS_MIB = 6 * (4 * 256 * 256 + 2 * 256 * 1024) * 4 / 2**20  # 18 MiB
 
 
+@pytest.mark.slow
 def test_one_pass_keeps_one_layer_of_fp32_weights_at_a_time():
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", ENCODER_MEMORY], env=env, capture_output=True, text=True, check=True)
@@ -143,6 +144,7 @@ def test_too_many_tokens_is_refused(text_models):
         module.apply({"params": params}, np.zeros((1, 77 - 3), np.int32), np.zeros((1, 4, 32), np.float32), np.array([2]))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(FULL_CONFIG), reason="../shared/reference/blipdiffusion_full.json is not here (fresh clone)")
 def test_real_size_text_encoder_converts_strictly_and_matches(clip_tokenizer):
     with open(FULL_CONFIG) as f:

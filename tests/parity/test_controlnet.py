@@ -21,7 +21,7 @@ def _latents(seed=0, size=32):
     return np.random.RandomState(seed).randn(2, 4, size // 2, size // 2).astype(np.float32)
 
 
-@pytest.mark.parametrize("guidance", [1.0, 7.5])
+@pytest.mark.parametrize("guidance", [pytest.param(1.0, marks=pytest.mark.slow), 7.5])
 def test_images_match_pytorch(torch_controlnet_pipeline, flax_controlnet_pipeline, guidance):
     pipeline, params = flax_controlnet_pipeline
     maps = [canny(edge_picture(0), 30, 70), canny(edge_picture(1), 30, 70)]
@@ -35,6 +35,7 @@ def test_images_match_pytorch(torch_controlnet_pipeline, flax_controlnet_pipelin
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_zero_conditioning_scale_is_the_zero_shot_image(flax_controlnet_pipeline, converted_model):
     pipeline, params = flax_controlnet_pipeline
     latents = _latents(1, 16)
@@ -57,6 +58,7 @@ def test_pytorch_spelling_and_one_map_for_the_batch(flax_controlnet_pipeline):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_base_model_plus_separate_controlnet(torch_pipeline_dir, torch_controlnet_pipeline_dir, flax_controlnet_pipeline, tmp_path):
     from blipdiff_jax.checkpoint import save_converted
     from convert.pytorch_dir import read_pytorch_directory
@@ -113,6 +115,7 @@ def test_unreadable_conditioning_image_is_named(flax_controlnet_pipeline, tmp_pa
                  height=16, width=16, num_inference_steps=2)
 
 
+@pytest.mark.slow
 def test_stylization_example_from_the_paper(flax_controlnet_pipeline):
     """Style subject "flower" from flower.jpg, structure from the canny map of kettle.jpg, target "teapot"."""
     pipeline, params = flax_controlnet_pipeline

@@ -74,7 +74,7 @@ def test_time_windows_follow_lavis():
         time_window(4, 1.5)
 
 
-@pytest.mark.parametrize("placeholder_tokens", [True, False])
+@pytest.mark.parametrize("placeholder_tokens", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_synthetic_edit_matches_pytorch(flax_pipeline, reference, placeholder_tokens):
     """The traced control against the generalised reference at a control resolution of 4x4 (LAVIS's text and
     the alignment option)."""
@@ -89,6 +89,7 @@ def test_synthetic_edit_matches_pytorch(flax_pipeline, reference, placeholder_to
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_replace_and_reweight_controllers_match_pytorch(flax_pipeline, reference):
     """AttentionReplace (a same-length word swap: "cat" -> "dog") with AttentionReweight on top."""
     pipeline, params = flax_pipeline
@@ -104,6 +105,7 @@ def test_replace_and_reweight_controllers_match_pytorch(flax_pipeline, reference
         pipeline.edit(PROMPT, make_image(0), "dog", TARGET, ORIGINAL, params=params, equalizer={"moon": 2.0}, height=SIZE, width=SIZE)
 
 
+@pytest.mark.slow
 def test_real_image_edit_and_inversion_match_pytorch(flax_pipeline, reference):
     pipeline, params = flax_pipeline
     photo = make_image(5, (50, 40))
@@ -131,6 +133,7 @@ def test_threshold_above_one_keeps_the_source_image(flax_pipeline):
     np.testing.assert_allclose(out[1], out[0], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_without_control_each_branch_is_its_own_generation(flax_pipeline):
     pipeline, params = flax_pipeline
     latents = np.random.RandomState(1).randn(1, 4, SIZE // 2, SIZE // 2).astype(np.float32)
@@ -171,6 +174,7 @@ def test_bad_edit_input_is_named(flax_pipeline, change, error, match):
         pipeline.edit(**args)
 
 
+@pytest.mark.slow
 def test_virtual_try_on(flax_pipeline):
     """LAVIS editing_tryon_zeroshot: a dress model edited with the subject of a green skirt."""
     pipeline, params = flax_pipeline

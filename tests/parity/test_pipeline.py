@@ -28,8 +28,11 @@ def _both(torch_pipeline, pipeline, params, images, height, width, guidance, ste
     return ours, ref
 
 
-@pytest.mark.parametrize("guidance,height,width", [(1.0, 32, 32), (7.5, 32, 32), (7.5, 32, 24)],
-                         ids=["no-guidance", "guidance", "non-square"])
+@pytest.mark.parametrize("guidance,height,width", [
+    pytest.param(1.0, 32, 32, id="no-guidance", marks=pytest.mark.slow),
+    pytest.param(7.5, 32, 32, id="guidance"),
+    pytest.param(7.5, 32, 24, id="non-square", marks=pytest.mark.slow),
+])
 def test_images_match_pytorch(torch_pipeline, flax_pipeline, guidance, height, width):
     pipeline, params = flax_pipeline
     ours, ref = _both(torch_pipeline, pipeline, params, [make_image(0), make_image(1, (70, 50))], height, width, guidance)
@@ -38,6 +41,7 @@ def test_images_match_pytorch(torch_pipeline, flax_pipeline, guidance, height, w
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_ddim_matches_pytorch(torch_pipeline, converted_model):
     from diffusers import DDIMScheduler, FlaxDDIMScheduler
 
@@ -52,6 +56,7 @@ def test_ddim_matches_pytorch(torch_pipeline, converted_model):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["FlaxEulerDiscreteScheduler", "FlaxDPMSolverMultistepScheduler", "FlaxDDPMScheduler"])
 def test_other_flax_schedulers_run(converted_model, name):
     import diffusers
@@ -86,6 +91,7 @@ def test_second_call_does_not_recompile(flax_pipeline):
     assert not np.allclose(first, second)
 
 
+@pytest.mark.slow
 def test_subject_embeddings_are_a_reusable_value(flax_pipeline):
     pipeline, params = flax_pipeline
     image = make_image(6)

@@ -44,6 +44,7 @@ def test_one_reference_image_serves_every_category(tokenizer_dirs):
     assert not np.allclose(ours[0], ours[1], atol=1e-3)  # the category changes the embedding
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(FULL_CONFIG), reason="../shared/reference/blipdiffusion_full.json is not here (fresh clone)")
 def test_real_size_subject_encoder_converts_strictly_and_matches(tokenizer_dirs):
     """The real architecture (ViT-L/14 BLIP-2 tower, 12-layer Q-Former), random weights."""

@@ -63,6 +63,7 @@ def test_interceptor_equals_diffusers_attention(implementation, cross, small_blo
                                rtol=0, atol=KERNEL_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_blockwise_pipeline_matches_xla_and_pytorch(torch_pipeline, converted_model, small_blocks):
     latents = np.random.RandomState(0).randn(1, 4, 16, 16).astype(np.float32)
     args = ("on a sofa", make_image(0), "dog", "dog")
@@ -77,6 +78,7 @@ def test_blockwise_pipeline_matches_xla_and_pytorch(torch_pipeline, converted_mo
     np.testing.assert_allclose(images["blockwise"], reference, rtol=0, atol=IMAGE_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_real_image_editing_with_the_blockwise_kernel(converted_model, small_blocks):
     """DDIM inversion runs every attention through the kernel; the controlled edit loop hands it the layers the
     controller leaves alone (none in the tiny UNet, whose only cross-attention level is the control

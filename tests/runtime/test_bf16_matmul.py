@@ -154,6 +154,7 @@ def test_bf16_unet_step_runs_every_product_on_bf16(converted_model):
     assert windows and all("stride=2x2" in window for window in windows)
 
 
+@pytest.mark.slow
 def test_bf16_generation_runs_text_encoder_and_unet_products_on_bf16(converted_model):
     """The whole bf16 generation program: every `nn.Dense` of the text encoder and the UNet takes bf16 operands.
     The products XLA still runs in fp32 are the attention-score einsums of transformers' CLIP text encoder (two

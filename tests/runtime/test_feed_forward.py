@@ -86,6 +86,7 @@ def test_interceptor_leaves_dropout_whole(positional, monkeypatch):
     assert not list(jaxpr_equations(jax.make_jaxpr(run)(params, hidden).jaxpr, ("scan",)))
 
 
+@pytest.mark.slow
 @pytest.mark.cpu_only
 def test_pipeline_with_chunked_feed_forwards(converted_model, monkeypatch):
     """The tiny pipeline with its 16x16-latent feed-forwards in chunks gives the images it gives without."""

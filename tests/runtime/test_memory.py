@@ -59,6 +59,7 @@ def test_loading_a_converted_directory_releases_freed_memory(converted_model, tm
 
 
 def test_loading_leaves_the_heap_alone_until_tuning_is_asked_for(converted_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(host_memory._tuning, "on", False)  # as never asked (the CLI, run in-process by other tests, asks)
     directory = checkpoint.save_converted(converted_model, str(tmp_path / "flax"))
     calls = []
     monkeypatch.setattr(host_memory, "_glibc", lambda: calls.append("glibc"))

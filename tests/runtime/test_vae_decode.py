@@ -38,12 +38,12 @@ def _reference(vae, params, latents):
 
 
 @pytest.mark.parametrize("config,latent,strip_rows,tiled_blocks", [
-    (vae_config(), (2, 4, 12, 10), 32, 2),  # one strip per layer, the whole decoder tiled
-    (vae_config(), (2, 4, 12, 10), 5, 1),  # 24 rows in strips of 4; only the last block
-    (THREE_BLOCKS, (1, 4, 10, 6), 8, 2),  # 40 rows in strips of 8; a virtual upsampler output
-    (THREE_BLOCKS, (1, 4, 10, 6), 3, 3),  # every block: strips of 2 rows at 10, 20 and 40 rows
-    (THREE_BLOCKS, (1, 4, 10, 6), 5, 3),  # strips of 5 rows: odd, so XLA's convolution instead of Winograd
-], ids=["one-strip", "last-block", "upsampler", "all-blocks", "odd-strips"])
+    pytest.param(vae_config(), (2, 4, 12, 10), 32, 2, id="one-strip", marks=pytest.mark.slow),  # one strip per layer, all tiled
+    pytest.param(vae_config(), (2, 4, 12, 10), 5, 1, id="last-block"),  # 24 rows in strips of 4; only the last block
+    pytest.param(THREE_BLOCKS, (1, 4, 10, 6), 8, 2, id="upsampler", marks=pytest.mark.slow),  # 40 rows in strips of 8
+    pytest.param(THREE_BLOCKS, (1, 4, 10, 6), 3, 3, id="all-blocks"),  # every block: strips of 2 rows at 10, 20 and 40 rows
+    pytest.param(THREE_BLOCKS, (1, 4, 10, 6), 5, 3, id="odd-strips"),  # strips of 5 rows: odd, so XLA's convolution, not Winograd
+])
 def test_strips_decode_the_same_image(config, latent, strip_rows, tiled_blocks):
     vae, params = _vae(config)
     latents = jax.random.normal(jax.random.PRNGKey(2), latent)
@@ -53,6 +53,7 @@ def test_strips_decode_the_same_image(config, latent, strip_rows, tiled_blocks):
     np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_strips_in_bf16():
     vae, params = _vae(THREE_BLOCKS, jnp.bfloat16)
     latents = jax.random.normal(jax.random.PRNGKey(2), (1, 4, 10, 6)).astype(jnp.bfloat16)

@@ -46,6 +46,7 @@ def test_demo_draws_the_toy_transfer_picture(tmp_path):
     assert sum(colours) >= 5 and sum(backgrounds) >= 8, (colours, backgrounds)
 
 
+@pytest.mark.slow
 def test_generate_from_a_converted_directory(converted_model, tmp_path):
     model_dir = save_converted(converted_model, str(tmp_path / "model"))
     reference = tmp_path / "ref.png"
@@ -58,6 +59,7 @@ def test_generate_from_a_converted_directory(converted_model, tmp_path):
     assert np.asarray(Image.open(out)).std() > 0
 
 
+@pytest.mark.slow
 def test_generate_from_a_pytorch_directory_with_a_real_photo(torch_pipeline_dir, tmp_path):
     out = tmp_path / "out.png"
     code = main(["generate", "--model", torch_pipeline_dir, "--image", shared_image("dog.png"), "--subject", "dog",
@@ -88,6 +90,7 @@ def test_generate_with_a_control_image_and_canny(torch_controlnet_pipeline_dir, 
     assert code == 0 and Image.open(out).size == (16, 16)
 
 
+@pytest.mark.slow
 def test_stylization_example_from_the_cli(torch_controlnet_pipeline_dir, tmp_path):
     out = tmp_path / "teapot.png"
     code = main(["generate", "--model", torch_controlnet_pipeline_dir, "--image", shared_image("flower.jpg"),
@@ -97,6 +100,7 @@ def test_stylization_example_from_the_cli(torch_controlnet_pipeline_dir, tmp_pat
     assert code == 0 and out.exists()
 
 
+@pytest.mark.slow
 def test_edit_a_real_photo(converted_model, tmp_path):
     model_dir = save_converted(converted_model, str(tmp_path / "model"))
     photo, reference = tmp_path / "photo.png", tmp_path / "ref.png"
@@ -109,6 +113,7 @@ def test_edit_a_real_photo(converted_model, tmp_path):
     assert code == 0 and Image.open(out).size == (32, 16)
 
 
+@pytest.mark.slow
 def test_virtual_try_on_from_the_cli(torch_pipeline_dir, tmp_path):
     out = tmp_path / "tryon.png"
     code = main(["edit", "--model", torch_pipeline_dir, "--image", shared_image("dress-model.png"),
@@ -117,6 +122,7 @@ def test_virtual_try_on_from_the_cli(torch_pipeline_dir, tmp_path):
     assert code == 0 and out.exists()
 
 
+@pytest.mark.slow
 def test_several_images_grid_metadata_and_output_dir(tmp_path, capsys):
     out, folder = tmp_path / "grid.png", tmp_path / "each"
     assert main(["demo", "--tiny", "--out", str(out), "--steps", "2", "--height", "16", "--width", "16", "--num-images", "3",

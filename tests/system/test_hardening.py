@@ -116,6 +116,7 @@ def test_non_finite_values_are_reported_with_their_component(flax_pipeline, comp
                  height=16, width=16, num_inference_steps=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.bfloat16, 0.05), (jnp.float16, 0.01)])
 def test_half_precision_tolerance_against_pytorch_fp32(torch_pipeline, converted_model, dtype, tolerance):
     """Measured on the tiny model: bf16 max abs 0.0168 (mean 0.0027; bf16 products of models/bf16_matmul.py),

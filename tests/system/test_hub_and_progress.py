@@ -42,6 +42,7 @@ def test_offline_with_nothing_cached_says_what_to_do(tmp_path, monkeypatch):
     assert "Salesforce/blipdiffusion" in message and "local directory" in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_progress_bar_counts_steps_without_recompiling_or_changing_images(flax_pipeline, capsys):
     pipeline, params = flax_pipeline
     kwargs = dict(params=params, prng_seed=jax.random.PRNGKey(3), height=16, width=16, num_inference_steps=5, output_type="np")

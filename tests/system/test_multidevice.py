@@ -23,6 +23,7 @@ def reference(flax_pipeline):
     return kwargs, single
 
 
+@pytest.mark.slow
 def test_pmap_convention_matches_one_device(flax_pipeline, reference):
     pipeline, params = flax_pipeline
     kwargs, single = reference
@@ -46,6 +47,7 @@ def test_pmap_needs_replicated_params_and_a_divisible_batch(flax_pipeline, refer
         pipeline(PROMPTS[:3], make_image(0), "dog", "dog", params=params, jit=True, prng_seed=jax.random.PRNGKey(0), height=16, width=16)
 
 
+@pytest.mark.slow
 def test_controlnet_pmap_and_mesh_match_one_device(flax_controlnet_pipeline, reference):
     from blipdiff_jax.image_processing import canny
 

@@ -74,6 +74,7 @@ def test_controlnet_refuses_more_steps_than_the_scheduler_has(flax_controlnet_pi
 # ------------------------------------------------------------------ 3: the seed's noise in every dtype
 
 
+@pytest.mark.slow
 def test_a_seed_gives_the_same_image_in_bf16_as_in_fp32(flax_pipeline, converted_model):
     pipeline32, params32 = flax_pipeline
     pipeline16, params16 = FlaxBlipDiffusionPipeline.from_converted(converted_model, dtype=jnp.bfloat16)
@@ -92,6 +93,7 @@ def test_a_seed_gives_the_same_image_in_bf16_as_in_fp32(flax_pipeline, converted
 # ------------------------------------------------------------------ 11: typed and raw keys
 
 
+@pytest.mark.slow
 def test_typed_and_raw_keys_give_the_same_image(flax_pipeline):
     pipeline, params = flax_pipeline
     raw = _call(pipeline, params, prng_seed=jax.random.PRNGKey(3)).images
@@ -191,6 +193,7 @@ def test_the_controlnet_pipeline_refuses_to_edit_instead_of_ignoring_the_control
 # ------------------------------------------------------------------ 6: FloatingPointError in the CLI
 
 
+@pytest.mark.slow
 def test_cli_non_finite_values_are_one_line_and_exit_2(generate, tmp_path, capsys):
     code = main(generate("--guidance", "1e38", "--steps", "2", "--height", "16", "--width", "16", "--no-compile-cache",
                          "--out", str(tmp_path / "out.png")))
@@ -291,6 +294,7 @@ def test_generate_a_fine_tuned_subject_without_image(converted_model, flax_pipel
 # ------------------------------------------------------------------ 14: metadata; --output-dir never overwrites
 
 
+@pytest.mark.slow
 def test_metadata_holds_the_settings_used_and_output_dir_never_overwrites(generate, tmp_path):
     folder = tmp_path / "each"
     run = generate("--steps", "2", "--height", "16", "--width", "32", "--seed", "7", "--output-dir", str(folder),
@@ -312,6 +316,7 @@ def test_metadata_holds_the_settings_used_and_output_dir_never_overwrites(genera
     assert exif["prompt"] == "on the moon" and exif["steps"] == 2 and exif["width"] == 32
 
 
+@pytest.mark.slow
 def test_default_steps_are_stored_not_none(generate, tmp_path):
     out = tmp_path / "out.png"
     assert main(generate("--height", "16", "--width", "16", "--out", str(out), "--no-compile-cache")) == 0
@@ -403,6 +408,7 @@ def test_pyproject_license_is_an_spdx_expression_setuptools_takes_without_warnin
 # ------------------------------------------------------------------ 13: compiling is not the first step
 
 
+@pytest.mark.slow
 def test_the_progress_bar_clock_starts_when_the_program_runs(flax_pipeline, monkeypatch):
     import time
 
@@ -439,6 +445,7 @@ def test_the_progress_bar_clock_starts_when_the_program_runs(flax_pipeline, monk
     assert bar.reset_at is not None and bar.reset_at >= max(compiled) > bar.created_at
 
 
+@pytest.mark.slow
 def test_cli_edit_shows_progress_bars_without_changing_the_edit(flax_pipeline, converted_model, tmp_path, capsys):
     pipeline, params = flax_pipeline
     model_dir = save_converted(converted_model, str(tmp_path / "model"))
@@ -491,6 +498,7 @@ def test_a_second_cli_run_loads_the_generation_from_the_persistent_cache(generat
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "first.png")), np.asarray(Image.open(tmp_path / "second.png")))
 
 
+@pytest.mark.slow
 def test_edit_and_invert_with_progress_are_the_same_programs_split(flax_pipeline, capsys):
     """With progress=True, edit and invert run as cacheable programs (start, one step per call, decoding): the
     same numbers as the one-program run."""

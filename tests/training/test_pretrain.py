@@ -89,6 +89,7 @@ def torch_pretrain_loss_and_grads(torch_pipeline, inputs):
     return float(value.detach()), grads
 
 
+@pytest.mark.slow
 def test_pretraining_loss_and_gradients_match_lavis_in_pytorch(converted_model, pipe, torch_pipeline):
     inputs = lavis_inputs(pipe)
     loss = PretrainLoss(converted_model.configs, pipe.ctx_begin_pos)
@@ -103,6 +104,7 @@ def test_pretraining_loss_and_gradients_match_lavis_in_pytorch(converted_model, 
     assert_grads_close(grads, torch_grads, RTOL)
 
 
+@pytest.mark.slow
 def test_dropout_gives_the_unconditional_context_and_zero_subjects(converted_model, pipe):
     """Caption dropout: the context generation's unconditional branch sees (empty prompt, no subject); subject
     dropout: the subject embeddings are zeros. Checked as losses of explicitly built inputs."""
