@@ -148,7 +148,7 @@ def returning_large_blocks():
 
 
 # What JAX reports after every backend compile, fresh or read from the persistent cache, in the thread that
-# then runs the program (jax._src.dispatch.BACKEND_COMPILE_EVENT; tests/test_memory.py checks it still fires),
+# then runs the program (jax._src.dispatch.BACKEND_COMPILE_EVENT; tests/runtime/test_memory.py checks it still fires),
 # and after lowering a program, which comes before its compile (JAXPR_TO_MLIR_MODULE_EVENT).
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 LOWERED_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"

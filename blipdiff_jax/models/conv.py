@@ -120,7 +120,7 @@ def _bf16_rows_conv(inputs, kernel, pads):
 # F(2x2, 3x3): a 2x2 output tile is A^T [(G g G^T) * (B^T d B)] A for its 4x4 input tile d and the 3x3 kernel
 # g, so the convolution becomes 16 (tiles x in) @ (in x out) matrix products: 2.25x fewer multiplications
 # than the direct form. The transforms only add, subtract and halve, so in fp32 the result matches the
-# convolution to ~2e-6 relative (checked in tests/test_conv.py).
+# convolution to ~2e-6 relative (checked in tests/runtime/test_conv.py).
 _BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 _AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)

@@ -2,7 +2,7 @@
 
 Two patches exist, each only while our own programs are traced (runtime/param_check.py: flax's
 `Scope.param`; runtime/remat.py: the block names `FlaxUNet2DConditionModel.setup` reads). Each is correct for
-the code below; `changed_code()` names what a new release changed (tests/test_side_effects.py fails on it),
+the code below; `changed_code()` names what a new release changed (tests/runtime/test_side_effects.py fails on it),
 so that an upgrade is read and checked again instead of silently patched.
 """
 
