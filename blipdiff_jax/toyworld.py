@@ -17,6 +17,7 @@ classification of its pixels and template matching of the subject's mask: determ
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -52,6 +53,14 @@ TRAIN_SUBJECTS = tuple(s for s in ALL_SUBJECTS if s not in HELD_OUT)
 _SUPERSAMPLE = 4
 
 
+@functools.lru_cache(maxsize=8)
+def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) pixel centres of an n x n grid as fractions of the image (read-only, shared by every render)."""
+    y, x = (np.mgrid[0:n, 0:n] + 0.5) / n
+    y.flags.writeable = x.flags.writeable = False
+    return y, x
+
+
 def _check(shape: str, colour: str, pattern: str, background) -> None:
     if shape not in SHAPES:
         raise ValueError(f"shape={shape!r}: choose one of {SHAPES}")
@@ -66,8 +75,7 @@ def _check(shape: str, colour: str, pattern: str, background) -> None:
 def shape_mask(shape: str, size: int, centre=(0.5, 0.5), scale: float = 0.5, flip: bool = False) -> np.ndarray:
     """(size, size) float coverage in [0, 1] of `shape` with its bounding box `scale * size` wide around
     `centre` (fractions of the image), anti-aliased by supersampling."""
-    n = size * _SUPERSAMPLE
-    y, x = (np.mgrid[0:n, 0:n] + 0.5) / n
+    y, x = _grid(size * _SUPERSAMPLE)
     u = (x - centre[0]) / (scale / 2)  # [-1, 1] across the bounding box
     v = (y - centre[1]) / (scale / 2)
     if flip:
@@ -92,8 +100,7 @@ def shape_mask(shape: str, size: int, centre=(0.5, 0.5), scale: float = 0.5, fli
 
 def _stripes(size: int, scale: float, centre) -> np.ndarray:
     """(size, size) 1 where a horizontal stripe of the second colour lies (4 stripes across the subject)."""
-    n = size * _SUPERSAMPLE
-    y = (np.mgrid[0:n, 0:n][0] + 0.5) / n
+    y, _ = _grid(size * _SUPERSAMPLE)
     phase = (y - (centre[1] - scale / 2)) / (scale / 4)
     stripe = (np.floor(phase) % 2 == 1).astype(np.float32)
     return stripe.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))

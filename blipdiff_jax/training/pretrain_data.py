@@ -19,6 +19,7 @@ into a `grain.MapDataset`, so a resumed run reads exactly what an uninterrupted 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -130,22 +131,30 @@ class PretrainBatches:
         # Global example ids; this process reads every process_count-th one.
         examples = grain.MapDataset.range(0, 2**40)[process_index::process_count]
         self.dataset = examples.map(self._example).batch(batch_size, batch_fn=self._collate)
+        # Captions and categories repeat across a dataset (the toy world has 16 pairs of them): tokenizing
+        # each once keeps the host's share of a step small.
+        self._token_ids = functools.lru_cache(maxsize=2**16)(self._tokenize)
+
+    def _tokenize(self, caption: str, category: str) -> tuple:
+        pipe = self.pipeline
+        prompt = pipe.build_prompts([caption], [category], 1.0, self.prompt_reps)
+        prompt_ids, _ = pipe.prepare_inputs(prompt, [""])
+        tokens = pipe.qformer_tokenizer([category], padding="max_length", truncation=True,
+                                        max_length=self.QFORMER_LENGTH, return_tensors="np")
+        return prompt_ids[0], tokens.input_ids[0].astype(np.int32), tokens.attention_mask[0].astype(np.int32)
 
     def _example(self, index: int) -> dict:
-        example = self.source.example(self.seed, int(index))
-        pipe = self.pipeline
         from ..image_processing import preprocess_reference
 
-        prompt = pipe.build_prompts([example["caption"]], [example["category"]], 1.0, self.prompt_reps)
-        prompt_ids, _ = pipe.prepare_inputs(prompt, [""])
-        tokens = pipe.qformer_tokenizer([example["category"]], padding="max_length", truncation=True,
-                                        max_length=self.QFORMER_LENGTH, return_tensors="np")
+        example = self.source.example(self.seed, int(index))
+        pipe = self.pipeline
+        prompt_ids, qformer_ids, qformer_mask = self._token_ids(example["caption"], example["category"])
         return {
             "reference": preprocess_reference([example["reference"]], pipe.reference_size, pipe.mean, pipe.std)[0],
             "target": self._target_image(example["target"], self.resolution),
-            "prompt_ids": prompt_ids[0],
-            "qformer_ids": tokens.input_ids[0].astype(np.int32),
-            "qformer_mask": tokens.attention_mask[0].astype(np.int32),
+            "prompt_ids": prompt_ids.copy(),
+            "qformer_ids": qformer_ids.copy(),
+            "qformer_mask": qformer_mask.copy(),
         }
 
     @staticmethod

@@ -1,7 +1,8 @@
 """The toy BLIP-Diffusion: the real architecture at toy widths, for the toy world (`blipdiff_jax.toyworld`).
 
     32x32 images; VAE [16, 32, 64] (8x8x4 latents); UNet [32, 64, 64] with cross-attention at every level;
-    CLIP text encoder and Q-Former 64 wide, 2 layers; 4 query tokens; frozen random ViT (patch 4).
+    CLIP text encoder and Q-Former 64 wide, 2 layers; 4 query tokens; a ViT 64 wide (patch 4), random at first
+    and trained with the rest (the real model's pre-trained CLIP ViT stays frozen).
 
 The tokenizers know the toy world's words as whole tokens (CLIP BPE merges written for them), so "gray" is
 one token, as it is in the real CLIP vocabulary. `build_toy_model` gives random weights; `train_toy_vae`
@@ -140,7 +141,7 @@ def toy_images(seed: int, step: int, batch: int) -> np.ndarray:
 
 @quietly  # diffusers' Flax deprecation notice, once per module built and traced
 def train_toy_vae(model, steps: int = 1500, batch: int = 32, learning_rate: float = 1e-3, kl_weight: float = 1e-6,
-                  decoder_noise: float = 0.3, seed: int = 0, progress: bool = True):
+                  decoder_noise: float = 0.15, seed: int = 0, progress: bool = True):
     """Train the VAE of `model` on toy pictures (reconstruction MSE + a small KL, the decoder fed latents with
     `decoder_noise` x their spread of extra noise so that it decodes imperfect latents cleanly), then set its
     `scaling_factor` to 1/std of the latents (Stable Diffusion's convention). Returns the new model."""
@@ -162,7 +163,7 @@ def train_toy_vae(model, steps: int = 1500, batch: int = 32, learning_rate: floa
         posterior = vae.apply({"params": params}, pixels, method=vae.encode).latent_dist
         sample_key, noise_key = jax.random.split(key)
         z = posterior.mean + posterior.std * jax.random.normal(sample_key, posterior.mean.shape)
-        # The decoder also sees the latents with noise of 0.3 of their spread: without it, latents that a
+        # The decoder also sees the latents with noise of 0.15 of their spread: without it, latents that a
         # generation gets slightly wrong (by 0.2 of their spread) decoded to noisy textures.
         spread = jax.lax.stop_gradient(jnp.std(posterior.mean))
         z = z + decoder_noise * spread * jax.random.normal(noise_key, z.shape)
@@ -201,9 +202,12 @@ def train_toy_vae(model, steps: int = 1500, batch: int = 32, learning_rate: floa
 
 BASE_DIR = "toy-base"  # inside OUT: the toy model with its trained VAE, before pre-training
 INFO_FILE = "toy_training.json"
-# Sized to train on a 2-core CPU in under 30 minutes (VAE, then pre-training).
-RECIPE = {"vae_steps": 600, "steps": 5000, "batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 100,
-          "schedule": "cosine", "ema_decay": 0.995, "caption_dropout": 0.1, "subject_dropout": 0.1}
+# Sized to train on a 2-core CPU in under 30 minutes (VAE, then pre-training). The toy's ViT trains too: the
+# real model's vision tower is a pre-trained CLIP, kept frozen; the toy world has none, and through a frozen
+# random ViT the Q-Former read colours and stripes far less well.
+RECIPE = {"vae_steps": 1200, "vae_batch_size": 16, "steps": 4000, "batch_size": 32, "learning_rate": 2e-3,
+          "warmup_steps": 100, "schedule": "cosine", "ema_decay": 0.995, "caption_dropout": 0.1, "subject_dropout": 0.1,
+          "train": ("qformer", "text_encoder", "unet", "vision")}
 
 
 def pretrain_toy(out: str, seed: int = 0, resume: bool = False, progress: bool = True, names: dict | None = None,
@@ -218,7 +222,7 @@ def pretrain_toy(out: str, seed: int = 0, resume: bool = False, progress: bool =
     from .pretrain import PretrainConfig, SubjectPretrainer
 
     recipe = {**RECIPE, **overrides}
-    vae_steps = recipe.pop("vae_steps")
+    vae_steps, vae_batch_size = recipe.pop("vae_steps"), recipe.pop("vae_batch_size")
     out = os.path.abspath(out)
     base = os.path.join(out, BASE_DIR)
     name = lambda field: (names or {}).get(field, field)  # noqa: E731
@@ -234,7 +238,8 @@ def pretrain_toy(out: str, seed: int = 0, resume: bool = False, progress: bool =
         if resume:
             raise ValueError(f"{name('resume')}: {out} holds no toy run ({BASE_DIR}/ is missing)")
         with tempfile.TemporaryDirectory() as workdir:
-            model = train_toy_vae(build_toy_model(workdir, seed), steps=vae_steps, seed=seed, progress=progress)
+            model = train_toy_vae(build_toy_model(workdir, seed), steps=vae_steps, batch=vae_batch_size, seed=seed,
+                                    progress=progress)
             save_converted(model, base)
         vae_seconds = time.time() - started
     with quiet_flax_notices():
@@ -246,7 +251,8 @@ def pretrain_toy(out: str, seed: int = 0, resume: bool = False, progress: bool =
     if os.path.isfile(info_path):
         with open(info_path) as f:
             info = json.load(f)
-    info.update({"vae_steps": vae_steps, "steps": config.steps, "batch_size": config.batch_size, "seed": seed})
+    info.update({"vae_steps": vae_steps, "vae_batch_size": vae_batch_size, "steps": config.steps,
+                 "batch_size": config.batch_size, "seed": seed})
     info["vae_minutes"] = round(info.get("vae_minutes", 0.0) + vae_seconds / 60, 1)
     info["pretrain_minutes"] = round(info.get("pretrain_minutes", 0.0) + (total - vae_seconds) / 60, 1)
     info["total_minutes"] = round(info["vae_minutes"] + info["pretrain_minutes"], 1)
