@@ -24,7 +24,7 @@ def test_tiny_demo_writes_a_png_offline(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_draws_the_toy_transfer_picture(tmp_path):
     """The README's first command: the shipped toy model, a row per held-out subject (reference, then three
-    backgrounds), each generation read back by the toy analyser: 7 of the 9 take their reference's colour and
+    backgrounds), each generation read back by the toy analyser: 8 of the 9 take their reference's colour and
     all 9 their prompt's background here (chance: 1 in 8 and 1 in 4 each; benchmarks/results-toy.md measures
     over 208 generations)."""
     from blipdiff_jax import demo, toyworld
@@ -43,7 +43,7 @@ def test_demo_draws_the_toy_transfer_picture(tmp_path):
             found = toyworld.analyse(sheet.crop(box + (box[0] + cell, box[1] + cell)).resize((32, 32), Image.NEAREST))
             colours.append(found["colour"] == subject[1])
             backgrounds.append(found["background"] == background)
-    assert sum(colours) >= 5 and sum(backgrounds) >= 8, (colours, backgrounds)
+    assert sum(colours) >= 7 and sum(backgrounds) >= 8, (colours, backgrounds)
 
 
 @pytest.mark.slow

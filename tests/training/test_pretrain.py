@@ -348,8 +348,8 @@ def test_cli_refuses_bad_combinations(tmp_path, capsys):
 def test_shipped_toy_model_takes_the_colour_of_its_reference():
     """Two held-out subjects of far-apart colours, the same prompts and noise: swapping the reference moves
     the generations' saturated pixels toward the new reference's colour, both ways (measured here: mean
-    distance to orange 64 from the orange reference against 281 from the blue one; to blue 75 against
-    274). benchmarks/results-toy.md has the full measurement."""
+    distance to orange 56 from the orange reference against 267 from the blue one; to blue 92 against
+    286). benchmarks/results-toy.md has the full measurement."""
     from blipdiff_jax import TOY_GUIDANCE, TOY_MODEL, FlaxBlipDiffusionPipeline
 
     assert os.path.isfile(os.path.join(TOY_MODEL, "model_index.json")), f"the toy model is not shipped at {TOY_MODEL}"
@@ -371,4 +371,4 @@ def test_shipped_toy_model_takes_the_colour_of_its_reference():
         pixels = images[saturated]
         distances.append([np.linalg.norm(pixels - c, axis=-1).mean() for c in colours])
     distances = np.array(distances)  # [generated from subject i, distance to colour j]
-    assert distances[0, 0] < distances[1, 0] - 100 and distances[1, 1] < distances[0, 1] - 100, distances
+    assert distances[0, 0] < distances[1, 0] - 150 and distances[1, 1] < distances[0, 1] - 150, distances
