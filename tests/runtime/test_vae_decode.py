@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from blipdiff_jax import components
 from blipdiff_jax.models import vae_decode
@@ -13,7 +14,7 @@ from blipdiff_jax.models.conv import winograd_valid_3x3
 from blipdiff_jax.models.vae_decode import decode_in_strips
 from blipdiff_jax.pipelines import denoise
 from blipdiff_jax.runtime import Runtime
-from blipdiff_jax.tiny import vae_config
+from blipdiff_jax.tiny import random_params, vae_config
 
 TOLERANCE = 2e-5  # fp32 max abs on outputs of magnitude ~4: the same sums in another order
 BF16_TOLERANCE = 0.1  # bf16 weights and activations: one rounding of 2^-8 relative, several layers deep
@@ -23,18 +24,21 @@ THREE_BLOCKS = dict(vae_config(), block_out_channels=[32, 64, 64], layers_per_bl
 
 
 def _vae(config, dtype=jnp.float32):
+    """The decoder with random params drawn in numpy (as tiny.random_params: op by op, JAX's init and a
+    perturbation compile every op for every shape, seconds per config on 2 cores)."""
     vae = components.build_model("vae", config, dtype)
-    params = vae.init_weights(jax.random.PRNGKey(0))
-    # init leaves GroupNorm at scale 1, bias 0 and biases at 0: perturb everything so each param counts
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    leaves = [leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
-    params = jax.tree_util.tree_unflatten(tree, [leaf.astype(dtype) for leaf in leaves])
+    shapes = jax.eval_shape(vae.init_weights, jax.random.PRNGKey(0))
+    params = random_params({path: leaf.shape for path, leaf in flatten_dict(shapes).items()}, seed=0)
+    # init-like values leave GroupNorm at scale 1, bias 0 and biases at 0: perturb everything so each param counts
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf + 0.05 * rng.standard_normal(leaf.shape), dtype), params)
     return vae, params
 
 
 def _reference(vae, params, latents):
-    return np.asarray(vae.apply({"params": params}, latents, method=vae.decode).sample.transpose(0, 2, 3, 1), np.float32)
+    """diffusers' FlaxAutoencoderKL decode, as one compiled program (op by op it is seconds of small compiles)."""
+    decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode).sample)
+    return np.asarray(decode(params, latents).transpose(0, 2, 3, 1), np.float32)
 
 
 @pytest.mark.parametrize("config,latent,strip_rows,tiled_blocks", [
