@@ -27,6 +27,14 @@ def pipe(flax_pipeline):
     return flax_pipeline[0]
 
 
+@pytest.fixture(scope="module")
+def epsilon_loss(converted_model, pipe):
+    """The tiny model's pre-training loss (epsilon prediction) and its jitted form, compiled once for the tests
+    that evaluate it on `lavis_inputs(pipe)`."""
+    loss = PretrainLoss(converted_model.configs, pipe.ctx_begin_pos)
+    return loss, jax.jit(loss)
+
+
 def lavis_inputs(pipe, batch=3):
     """One pre-training batch of the tiny model: references, categories and captions, latents, noise, steps."""
     categories = ["dog", "cat", "dog"][:batch]
@@ -105,34 +113,36 @@ def test_pretraining_loss_and_gradients_match_lavis_in_pytorch(converted_model, 
 
 
 @pytest.mark.slow
-def test_dropout_gives_the_unconditional_context_and_zero_subjects(converted_model, pipe):
+def test_dropout_gives_the_unconditional_context_and_zero_subjects(converted_model, pipe, epsilon_loss):
     """Caption dropout: the context generation's unconditional branch sees (empty prompt, no subject); subject
     dropout: the subject embeddings are zeros. Checked as losses of explicitly built inputs."""
-    inputs = lavis_inputs(pipe, batch=2)
-    loss = PretrainLoss(converted_model.configs, pipe.ctx_begin_pos)
+    inputs = lavis_inputs(pipe)
+    loss, fn = epsilon_loss
     trainable, frozen = PretrainLoss.split(converted_model.params, DEFAULT_GROUPS)
-    fn = jax.jit(loss)
     args = (trainable, frozen, inputs["batch"], inputs["latents"], inputs["noise"], inputs["timesteps"])
-    on, off = jnp.ones((2,), bool), jnp.zeros((2,), bool)
+    on, off = jnp.ones((3,), bool), jnp.zeros((3,), bool)
     full, no_subject, no_caption = fn(*args, on, on), fn(*args, off, on), fn(*args, on, off)
     assert abs(float(full) - float(no_subject)) > 1e-6 and abs(float(full) - float(no_caption)) > 1e-6
 
     # Subject dropout equals a Q-Former whose projection outputs zero (zeroed final dense and input residual).
-    def unet_loss(context):
+    # Each side compiled as one program (op by op, the UNet alone costs ~5 s of small compiles per call).
+    @jax.jit
+    def unet_loss(unet, context):
         noisy = loss.scheduler.add_noise(loss.scheduler_state, inputs["latents"], inputs["noise"], inputs["timesteps"])
-        prediction = loss._unet(trainable["unet"], noisy, jnp.asarray(inputs["timesteps"]), context)
-        return float(jnp.mean((prediction - inputs["noise"]) ** 2))
+        prediction = loss._unet(unet, noisy, jnp.asarray(inputs["timesteps"]), context)
+        return jnp.mean((prediction - inputs["noise"]) ** 2)
 
     text = {"params": trainable["text_encoder"]}
-    zeros = jnp.zeros((2, pipe.num_query_tokens, 32))
-    cond = loss.text_encoder.apply(text, inputs["batch"]["prompt_ids"], zeros, jnp.full((2,), 2))[0]
-    np.testing.assert_allclose(float(no_subject), unet_loss(cond), rtol=1e-5)
-    uncond = loss.text_encoder.apply(text, inputs["batch"]["uncond_ids"])[0]
-    np.testing.assert_allclose(float(no_caption), unet_loss(jnp.broadcast_to(uncond, cond.shape)), rtol=1e-5)
+    zeros = jnp.zeros((3, pipe.num_query_tokens, 32))
+    cond = jax.jit(loss.text_encoder.apply)(text, inputs["batch"]["prompt_ids"], zeros, jnp.full((3,), 2))[0]
+    np.testing.assert_allclose(float(no_subject), float(unet_loss(trainable["unet"], cond)), rtol=1e-5)
+    uncond = jax.jit(loss.text_encoder.apply)(text, inputs["batch"]["uncond_ids"])[0]
+    uncond = jnp.broadcast_to(uncond, cond.shape)
+    np.testing.assert_allclose(float(no_caption), float(unet_loss(trainable["unet"], uncond)), rtol=1e-5)
 
 
 @pytest.mark.slow
-def test_v_prediction_learns_the_velocity_of_diffusers_ddpm(converted_model, pipe):
+def test_v_prediction_learns_the_velocity_of_diffusers_ddpm(converted_model, pipe, epsilon_loss):
     """A scheduler with prediction_type "v_prediction" (the toy model's) trains the UNet on the velocity
     diffusers' PyTorch `DDPMScheduler.get_velocity` gives (rtol 1e-5); an unknown type is refused."""
     import torch
@@ -144,8 +154,8 @@ def test_v_prediction_learns_the_velocity_of_diffusers_ddpm(converted_model, pip
     trainable, frozen = PretrainLoss.split(converted_model.params, DEFAULT_GROUPS)
     keep = jnp.ones((3,), bool)
     value = float(jax.jit(loss)(trainable, frozen, inputs["batch"], inputs["latents"], inputs["noise"], inputs["timesteps"], keep, keep))
-    epsilon = float(jax.jit(PretrainLoss(converted_model.configs, pipe.ctx_begin_pos))(
-        trainable, frozen, inputs["batch"], inputs["latents"], inputs["noise"], inputs["timesteps"], keep, keep))
+    epsilon = float(epsilon_loss[1](trainable, frozen, inputs["batch"], inputs["latents"], inputs["noise"], inputs["timesteps"],
+                                    keep, keep))
     torch_scheduler = DDPMScheduler.from_config(configs["scheduler"])
     velocity = torch_scheduler.get_velocity(torch.from_numpy(inputs["latents"]), torch.from_numpy(inputs["noise"]),
                                             torch.from_numpy(inputs["timesteps"]).long()).numpy()
