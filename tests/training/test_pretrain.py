@@ -336,10 +336,13 @@ def test_batches_are_a_function_of_seed_and_step(uninterrupted):
 
 @pytest.mark.slow
 def test_ema_weights_are_exported(converted_model, tmp_path):
-    trainer = pretrainer(converted_model, tmp_path / "ema", steps=3, ema_decay=0.5)
+    # The EMA is one optax transformation over whatever is trained: training the Q-Former alone compiles a step
+    # of ~55% the cost of the three default groups' (a second full train step after `uninterrupted`'s).
+    trainer = pretrainer(converted_model, tmp_path / "ema", steps=3, ema_decay=0.5, train=("qformer",))
     trainer.train()
     ema = trainer._exported(trainer.trainable, trainer.opt_state)
-    assert not np.allclose(np.asarray(ema["unet"]["conv_in"]["kernel"]), np.asarray(trainer.trainable["unet"]["conv_in"]["kernel"]))
+    kernel = lambda tree: np.asarray(tree["qformer"]["proj_layer"]["dense1"]["kernel"])  # noqa: E731
+    assert not np.allclose(kernel(ema), kernel(trainer.trainable))
 
 
 def test_cli_refuses_bad_combinations(tmp_path, capsys):
