@@ -100,17 +100,8 @@ def test_stylization_example_from_the_cli(torch_controlnet_pipeline_dir, tmp_pat
     assert code == 0 and out.exists()
 
 
-@pytest.mark.slow
-def test_edit_a_real_photo(converted_model, tmp_path):
-    model_dir = save_converted(converted_model, str(tmp_path / "model"))
-    photo, reference = tmp_path / "photo.png", tmp_path / "ref.png"
-    make_image(23, (50, 40)).save(photo)
-    make_image(24).save(reference)
-    out = tmp_path / "edit.png"
-    code = main(["edit", "--model", model_dir, "--image", str(photo), "--reference", str(reference), "--subject", "dog",
-                 "--original-subject", "cat", "--prompt", "on a sofa", "--out", str(out), "--steps", "2",
-                 "--height", "16", "--width", "16"])
-    assert code == 0 and Image.open(out).size == (32, 16)
+# The CLI's `edit`: system/test_new_user.py (a converted directory; its image equals the API's edit, side by side)
+# and parity/test_editing.py (a PyTorch directory, default inversion steps; against LAVIS).
 
 
 @pytest.mark.slow
