@@ -3,12 +3,14 @@
     blipdiff-jax demo --out demo.png
     blipdiff-jax generate --model DIR --image dog.png --subject dog --prompt "swimming underwater" --out out.png
     blipdiff-jax edit --model DIR --image photo.png --reference skirt.png --subject skirt --original-subject dress
+    blipdiff-jax evaluate --model DIR --dreambench dreambooth/dataset --out eval
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -74,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="turn --control-image into a canny edge map first (e.g. 30 70)")
     control.add_argument("--controlnet", default=None, metavar="PATH", help="SD 1.5 ControlNet directory to add to --model")
     control.add_argument("--controlnet-scale", type=float, default=1.0, help="controlnet_conditioning_scale (default: %(default)s)")
+    _add_lora_argument(gen)
 
     edit = sub.add_parser("edit", parents=[common], help="edit a subject into a photo (or into a generated image)",
                           description="Replace --original-subject in --image (DDIM-inverted) by the subject of --reference; "
@@ -91,11 +94,15 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--no-placeholder-tokens", dest="placeholder_tokens", action="store_false",
                       help="edited prompt without LAVIS's \"sks\" words; token mapper aligned on the subject embeddings")
     edit.add_argument("--qformer-tokenizer", default=None, help="local BERT tokenizer folder (PyTorch directories only)")
+    _add_lora_argument(edit)
 
     from .training.cli import add_finetune_parser, add_pretrain_parser
 
     add_finetune_parser(sub)
     add_pretrain_parser(sub)
+    from .evaluation.cli import add_evaluate_parser
+
+    add_evaluate_parser(sub)
 
     demo = sub.add_parser("demo", parents=[common, many], help="subject transfer by the shipped toy model, offline",
                           description="Draw the shipped toy model (blipdiff_jax.TOY_MODEL, pre-trained on the toy world) "
@@ -108,6 +115,38 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--subject", default="dog", help="category word of the subject (default: %(default)s)")
     demo.add_argument("--target-subject", default=None)
     return parser
+
+
+def _add_lora_argument(parser) -> None:
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="merge a LoRA (.safetensors: diffusers/peft or kohya; or a LoRA fine-tuning folder) into "
+                             "the UNet and text encoder at SCALE (default 1); repeat to stack several")
+
+
+def _parse_loras(values: list[str]) -> list[tuple[str, float]]:
+    """--lora PATH[:SCALE] values as (path, scale), each file checked before the model is loaded."""
+    from .lora_files import lora_file_path
+
+    loras = []
+    for value in values:
+        path, scale = value, 1.0
+        head, sep, tail = value.rpartition(":")
+        if sep and head:
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                pass  # a ':' that belongs to the path
+        if not math.isfinite(scale):
+            raise ValueError(f"--lora {value}: the scale must be a finite number")
+        lora_file_path(path, f"--lora {value}")
+        loras.append((path, scale))
+    return loras
+
+
+def _merge_loras(pipeline, params, loras):
+    for path, scale in loras:
+        params = pipeline.load_lora(params, path, scale=scale)
+    return params
 
 
 class _CompileClock:
@@ -263,6 +302,7 @@ def _generate(args, clock) -> str:
             raise ValueError("--canny: needs --control-image")
         if args.controlnet is not None and args.control_image is None:
             raise ValueError("--controlnet: needs --control-image")
+        loras = _parse_loras(args.lora)
         _check_model_has(args)
         if args.control_image is not None:
             from .image_processing import canny
@@ -280,6 +320,9 @@ def _generate(args, clock) -> str:
                         "controlnet_scale": args.controlnet_scale}
         else:
             pipeline, params = _load(args.model, args.qformer_tokenizer, attention=args.attention)
+        params = _merge_loras(pipeline, params, loras)
+        if loras:
+            settings["lora"] = ", ".join(f"{path}:{scale:g}" for path, scale in loras)
         if args.image is None and pipeline.subject_embeddings is None:
             raise ValueError(_NO_IMAGE)
         image = args.image
@@ -314,13 +357,17 @@ _NO_IMAGE = "--image: required (--model holds no learned subject embeddings: onl
 def _check_model_has(args) -> None:
     """What a local --model lacks for this run, said before it is loaded."""
     from .checkpoint import is_converted_directory
+    from .lora_files import is_lora_directory, read_manifest
 
     if not os.path.isdir(args.model):
         return
-    if args.control_image is not None and args.controlnet is None and not os.path.isdir(os.path.join(args.model, "controlnet")):
+    # A LoRA fine-tuning output holds no model: its base (named in its manifest) has the folders.
+    base = read_manifest(args.model).get("base_model") or "" if is_lora_directory(args.model) else args.model
+    if (args.control_image is not None and args.controlnet is None and os.path.isdir(base)
+            and not os.path.isdir(os.path.join(base, "controlnet"))):
         raise ValueError(_NO_CONTROLNET)
     learned = os.path.isfile(os.path.join(args.model, "subject_embeddings.npy"))
-    if args.image is None and not (is_converted_directory(args.model) and learned):
+    if args.image is None and not ((is_converted_directory(args.model) or is_lora_directory(args.model)) and learned):
         raise ValueError(_NO_IMAGE)
 
 
@@ -333,7 +380,9 @@ def _edit(args, clock) -> str:
 
     started = time.perf_counter()
     _check_outputs(args)
+    loras = _parse_loras(args.lora)
     pipeline, params = _load(args.model, args.qformer_tokenizer, attention=args.attention)
+    params = _merge_loras(pipeline, params, loras)
     steps = 50 if args.steps is None else args.steps
     inversion_steps = steps if args.inversion_steps is None else args.inversion_steps
     size = {"height": 512 if args.height is None else args.height, "width": 512 if args.width is None else args.width}
@@ -351,7 +400,8 @@ def _edit(args, clock) -> str:
     settings = {"reference": args.reference, "original_subject": args.original_subject, "image": args.image,
                 "steps": steps, "inversion_steps": inversion_steps if args.image is not None else None, **size,
                 "cross_replace_steps": args.cross_replace_steps, "self_replace_steps": args.self_replace_steps,
-                "lb_threshold": args.lb_threshold, "placeholder_tokens": args.placeholder_tokens}
+                "lb_threshold": args.lb_threshold, "placeholder_tokens": args.placeholder_tokens,
+                "lora": ", ".join(f"{path}:{scale:g}" for path, scale in loras) or None}
     return _save(out.images, args, settings)
 
 
@@ -411,6 +461,15 @@ def main(argv=None) -> int:
             except KeyboardInterrupt:
                 print(f"blipdiff-jax: {_finetune_stopped(args.out)}", file=sys.stderr)
                 return 130
+        elif args.command == "evaluate":
+            from .evaluation.cli import run_evaluate
+
+            try:
+                path = run_evaluate(args)
+            except KeyboardInterrupt:
+                print(f"blipdiff-jax: stopped; the images in {args.out} are kept: run the same command to resume",
+                      file=sys.stderr)
+                return 130
         elif args.command == "demo" and not args.tiny and args.image is None:
             path = _toy_demo(args)
         else:
@@ -418,7 +477,8 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         print(f"blipdiff-jax: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {path}")
+    if path is not None:
+        print(f"wrote {path}")
     return 0
 
 

@@ -24,6 +24,7 @@ from .. import compilation, components
 from ..checkpoint import ConvertedModel, is_converted_directory, load_converted
 from ..hub import is_hub_id, resolve_hub_model
 from ..image_processing import numpy_to_pil, preprocess_reference
+from ..lora_files import is_lora_directory
 from ..models.attention import resolve_implementation
 from ..models.context_clip import encode_contexts
 from ..runtime import Runtime
@@ -48,6 +49,10 @@ def caller_stacklevel() -> int:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
 
 
 def scheduler_from_config(config: dict):
@@ -148,13 +153,17 @@ class FlaxBlipDiffusionPipeline:
     ):
         """Returns `(pipeline, params)`. `path`: a converted directory (`python -m convert`); with
         `from_pt=True` a diffusers-layout PyTorch directory converted on the fly (needs torch only for `.bin`);
-        or a Hub id such as "Salesforce/blipdiffusion", downloaded, converted once and cached.
+        a LoRA fine-tuning output naming its base model (the base loaded, the adapter merged); or a Hub id
+        such as "Salesforce/blipdiffusion", downloaded, converted once and cached.
         `attention`: "auto" (blockwise on CPU, cuDNN's fused kernel on GPU, `jax.nn.dot_product_attention`
         on TPU), "blockwise", "cudnn", "dot_product", or "xla" (diffusers' UNet untouched); on CPU every
         `cpu_rewrites`: on CPU, the layer rewrites of `blipdiff_jax.models.cpu_rewrites` and the decoder in
         strips (None: on unless BLIPDIFF_JAX_CPU_REWRITES=0; ignored elsewhere). See `blipdiff_jax.runtime`."""
         resolve_implementation(attention)  # a bad value fails before anything is loaded
         path = cls._resolve(path, qformer_tokenizer)
+        if is_lora_directory(path):
+            return cls._from_lora_directory(path, dtype=dtype, scheduler=scheduler, qformer_tokenizer=qformer_tokenizer,
+                                            attention=attention, cpu_rewrites=cpu_rewrites, **kwargs)
         if from_pt and not is_converted_directory(path):
             from convert.pytorch_dir import read_pytorch_directory
 
@@ -355,6 +364,59 @@ class FlaxBlipDiffusionPipeline:
         """`params` with one copy per local device, for `jit=True` (diffusers' pmap convention; the same as
         `flax.jax_utils.replicate`)."""
         return placement.replicate(params)
+
+    # ------------------------------------------------------------------ LoRA (blipdiff_jax/lora_files.py)
+
+    def load_lora(self, params, path, scale: float = 1.0):
+        """New params with the LoRA at `path` merged into the UNet and text encoder kernels:
+        `W + scale * alpha / rank * lora_B @ lora_A`. `path`: a `.safetensors` file (diffusers/peft or kohya names) or a
+        directory holding `pytorch_lora_weights.safetensors` (a LoRA fine-tuning output: its learned subject
+        embeddings become the pipeline's, so `reference_image=None` draws that subject). Calls stack; `params` is
+        left as it is, so keeping it is the exact unload (`unload_lora` subtracts instead). The merged params have
+        the same shapes and dtypes: the compiled programs are reused and run at the same speed. Bad files raise
+        `LoraFileError` listing the keys, before anything is merged."""
+        return self._merge_lora(params, path, scale, "load_lora")
+
+    def unload_lora(self, params, path, scale: float = 1.0):
+        """`params` with the LoRA at `path` (merged at `scale` by `load_lora`) subtracted again (exact up to
+        float rounding; the base params themselves are the exact way back)."""
+        return self._merge_lora(params, path, -scale if _is_number(scale) else scale, "unload_lora")
+
+    def _merge_lora(self, params, path, scale, caller: str):
+        from ..lora_files import read_lora
+        from ..models.lora import merge
+
+        if not _is_number(scale) or not math.isfinite(scale):
+            raise TypeError(f"{caller}: scale must be a finite number, not {scale!r}")
+        if not isinstance(params, dict) or not {"unet", "text_encoder"} <= set(params):
+            raise ValueError(f"{caller}: params must be the pipeline's params (with 'unet' and 'text_encoder')")
+        # Params replicated for jit=True: their kernels carry a leading device axis; only the adapted ones are
+        # taken from device 0, merged and replicated again.
+        replicated = placement.is_replicated(params)
+        shapes = {name: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:] if replicated else np.shape(x), x.dtype),
+                                               params[name]) for name in ("unet", "text_encoder")}
+        lora = read_lora(path, shapes, components.NAMING_STYLE)
+        on_kernel = (lambda kernel, merge_one: placement.replicate(merge_one(kernel[0]))) if replicated else None
+        merged = dict(params)
+        for name, factors in lora.factors.items():
+            scales = {module: scale * s for module, s in lora.scales[name].items()}
+            merged[name] = merge(params[name], factors, scales, on_kernel=on_kernel)
+        if lora.subject_embeddings is not None and caller == "load_lora":
+            self.subject_embeddings = np.asarray(lora.subject_embeddings, np.float32)
+        return merged
+
+    @classmethod
+    def _from_lora_directory(cls, path: str, **kwargs):
+        """A LoRA fine-tuning output: the base model its manifest names, loaded, with the adapter merged."""
+        from ..lora_files import read_manifest
+
+        base = read_manifest(path).get("base_model")
+        if not base:
+            raise ValueError(f"path: {path} is a LoRA adapter whose manifest names no base model; load the base with "
+                             f"from_pretrained(BASE) and call pipeline.load_lora(params, {path!r})")
+        kwargs["from_pt"] = os.path.isdir(base) and not is_converted_directory(base)
+        pipeline, params = cls.from_pretrained(base, **kwargs)
+        return pipeline, pipeline.load_lora(params, path)
 
     # ------------------------------------------------------------------ checks
 

@@ -14,6 +14,7 @@ import numpy as np
 from .. import components
 from ..checkpoint import is_converted_directory, load_converted
 from ..image_processing import preprocess_conditioning
+from ..lora_files import is_lora_directory
 from ..models.attention import resolve_implementation
 from .inputs import give, prompts
 from .pipeline_blip_diffusion import FlaxBlipDiffusionPipeline
@@ -41,6 +42,9 @@ class FlaxBlipDiffusionControlNetPipeline(FlaxBlipDiffusionPipeline):
         model plus `controlnet=PATH`, any SD 1.5 ControlNet directory in diffusers' PyTorch layout."""
         resolve_implementation(attention)
         path = cls._resolve(path, qformer_tokenizer)
+        if is_lora_directory(path):  # a LoRA fine-tuning output: its base model, the adapter merged
+            return cls._from_lora_directory(path, dtype=dtype, scheduler=scheduler, qformer_tokenizer=qformer_tokenizer,
+                                            controlnet=controlnet, attention=attention, cpu_rewrites=cpu_rewrites, **kwargs)
         if from_pt and not is_converted_directory(path):
             return super().from_pretrained(path, from_pt=True, dtype=dtype, scheduler=scheduler,
                                            qformer_tokenizer=qformer_tokenizer, controlnet=controlnet,
