@@ -14,7 +14,7 @@ import warnings
 FLAGS = {field: "--" + field.replace("_", "-") for field in (
     "images", "subject", "out", "steps", "batch_size", "learning_rate", "weight_decay", "resolution",
     "train_text_encoder", "checkpoint_every", "resume", "seed", "preview_every", "preview_prompt", "preview_steps",
-    "compute_dtype", "remat", "devices")}
+    "compute_dtype", "remat", "devices", "lora_rank", "lora_alpha", "lora_text_encoder", "lora_target_modules")}
 
 
 def add_finetune_parser(subparsers):
@@ -30,7 +30,8 @@ def add_finetune_parser(subparsers):
     p.add_argument("--out", required=True, help="output directory (new, or an earlier run's with --resume)")
     p.add_argument("--steps", type=int, default=40, help="training steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=3, help="images per step (default: %(default)s)")
-    p.add_argument("--learning-rate", type=float, default=5e-6, help="AdamW learning rate, constant (default: %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="AdamW learning rate, constant (default: 5e-6; with --lora-rank 1e-4)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=512, help="training image size in pixels (default: %(default)s)")
     p.add_argument("--train-text-encoder", action="store_true", help="also train the CLIP text encoder")
@@ -46,7 +47,19 @@ def add_finetune_parser(subparsers):
     p.add_argument("--devices", type=int, default=None, help="data-parallel devices (default: as many as divide --batch-size)")
     p.add_argument("--qformer-tokenizer", default=None, help="local BERT tokenizer folder (PyTorch directories only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    lora = p.add_argument_group("LoRA", "train rank-R factors of the UNet's attention projections (and the subject "
+                                "embeddings) instead of the UNet: --out gets a LoRA adapter of a few MB that names "
+                                "--model as its base (from_pretrained(OUT) loads both)")
+    lora.add_argument("--lora-rank", type=int, default=0, metavar="R", help="LoRA rank (default: 0, full fine-tuning)")
+    lora.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="LoRA alpha (default: the rank)")
+    lora.add_argument("--lora-text-encoder", action="store_true", help="also adapt the text encoder's attention")
+    lora.add_argument("--lora-target-modules", default=None, metavar="NAMES",
+                      help="comma-separated UNet modules to adapt, PyTorch names (default: to_q,to_k,to_v,to_out.0)")
     return p
+
+
+def _module_list(text):
+    return None if text is None else tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def run_finetune(args) -> str:
@@ -62,15 +75,23 @@ def run_finetune(args) -> str:
         train_text_encoder=args.train_text_encoder, checkpoint_every=args.checkpoint_every, resume=args.resume,
         seed=args.seed, preview_every=args.preview_every, preview_prompt=args.preview_prompt,
         preview_steps=args.preview_steps, compute_dtype=getattr(jnp, args.compute_dtype), remat=args.remat,
-        devices=args.devices, progress=not args.quiet)
+        devices=args.devices, progress=not args.quiet, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_text_encoder=args.lora_text_encoder, base_model=_base_model(args.model),
+        **({"lora_target_modules": _module_list(args.lora_target_modules)} if args.lora_target_modules is not None else {}))
     config.validate(FLAGS)
     with warnings.catch_warnings():  # fail before loading the model; the trainer warns about skipped files
         warnings.simplefilter("ignore")
         list_images(args.images, "--images")
     model = _load_model(args.model, args.qformer_tokenizer)  # downloaded and converted once for a Hub id
     out = SubjectFinetuner(model, config, names=FLAGS).train()
-    print(f"fine-tuned model in {out}: FlaxBlipDiffusionPipeline.from_pretrained({out!r})")
+    kind = "LoRA adapter" if config.lora_rank else "fine-tuned model"
+    print(f"{kind} in {out}: FlaxBlipDiffusionPipeline.from_pretrained({out!r})")
     return out
+
+
+def _base_model(model: str) -> str:
+    """--model as a LoRA manifest names it: a local directory as an absolute path, a Hub id as it is."""
+    return os.path.abspath(model) if os.path.isdir(model) else model
 
 
 PRETRAIN_FLAGS = {field: "--" + field.replace("_", "-") for field in (

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from ..checkpoint import ConvertedModel
-from . import checkpoints, data
+from . import checkpoints, data, lora
 from .config import FinetuneConfig
 from .export import write_converted_into
 from .loss import DiffusionLoss
@@ -77,14 +77,19 @@ def cached_step(key: str, build):
     return _STEP_CACHE[key]
 
 
-def cached_train_step(configs: dict, ctx_begin_pos: int, compute_dtype, remat: bool, learning_rate: float, weight_decay: float):
-    """(loss, optimizer, jitted step) of fine-tuning, shared by every trainer with the same model configs and settings."""
+def cached_train_step(configs: dict, ctx_begin_pos: int, compute_dtype, remat: bool, learning_rate: float, weight_decay: float,
+                      lora_scale: float | None = None):
+    """(loss, optimizer, jitted step) of fine-tuning, shared by every trainer with the same model configs and settings.
+    `lora_scale` (alpha / rank): LoRA fine-tuning's loss (training/lora.py) instead."""
     key = json.dumps(["finetune", {k: configs[k] for k in ("unet", "text_encoder", "vae", "scheduler")}, int(ctx_begin_pos),
-                      jnp.dtype(compute_dtype).name, bool(remat), float(learning_rate), float(weight_decay)],
+                      jnp.dtype(compute_dtype).name, bool(remat), float(learning_rate), float(weight_decay), lora_scale],
                      sort_keys=True, default=str)
 
     def build():
-        loss = DiffusionLoss(configs, ctx_begin_pos, compute_dtype, remat)
+        if lora_scale is None:
+            loss = DiffusionLoss(configs, ctx_begin_pos, compute_dtype, remat)
+        else:
+            loss = lora.LoraDiffusionLoss(configs, ctx_begin_pos, compute_dtype, remat, lora_scale)
         optimizer = make_optimizer(learning_rate, weight_decay)
         return loss, optimizer, make_train_step(loss, optimizer)
 
@@ -251,9 +256,12 @@ class SubjectFinetuner(Trainer):
         self.pipeline = pipeline if pipeline is not None else FlaxBlipDiffusionPipeline(model)
         self._check_resolution(model, config.resolution)
         self.out = os.path.abspath(config.out)
+        # LoRA fine-tuning (training/lora.py): the adapted modules, {component: {name: (Flax path, kernel shape)}}.
+        self.lora_modules = lora.lora_modules(model.params, config, self._name) if config.lora_rank else None
         self.loss, self.optimizer, self.train_step = cached_train_step(
             model.configs, self.pipeline.ctx_begin_pos, config.compute_dtype, config.remat,
-            float(config.learning_rate), float(config.weight_decay))
+            float(config.learning_rate), float(config.weight_decay),
+            lora.alpha_of(config) / config.lora_rank if config.lora_rank else None)
         budget = self.pipeline.max_text_length - self.pipeline.num_query_tokens
         # LAVIS tokenizes the caption without padding and without prompt repetition at training time.
         self.input_ids = self.pipeline.tokenizer([data.caption(self.subject)], padding="do_not_pad", truncation=True,
@@ -268,6 +276,7 @@ class SubjectFinetuner(Trainer):
         return f"fine-tuning {self.subject!r} on {self.num_devices} device(s)"
 
     def _check_before_training(self) -> None:
+        lora.check_resumed_rank(self._path(CONFIG_FILE), self.config, self._name)
         if self.config.preview_every and self.config.resolution % self.pipeline.size_multiple:
             raise ValueError(f"{self._name('preview_every')}: previews need {self._name('resolution')} to be a "
                              f"multiple of {self.pipeline.size_multiple}")
@@ -296,17 +305,23 @@ class SubjectFinetuner(Trainer):
         return (total / len(self.paths))[None].astype(np.float32)
 
     def initial_trainable(self, subject_embeddings=None) -> dict:
-        """Host (numpy, float32) tree of what is trained: {"unet", "subject_embeddings", ["text_encoder"]}."""
+        """Host (numpy, float32) tree of what is trained: {"unet", "subject_embeddings", ["text_encoder"]}; with
+        LoRA {"unet_lora", "subject_embeddings", ["text_encoder_lora"]}."""
         params = self.model.params
         emb = self.subject_embeddings() if subject_embeddings is None else subject_embeddings
+        if self.lora_modules is not None:
+            return {**lora.initial_factors(self.lora_modules, self.config.lora_rank, self.config.seed),
+                    "subject_embeddings": np.asarray(emb, np.float32)}
         trainable = {"unet": params["unet"], "subject_embeddings": emb}
         if self.config.train_text_encoder:
             trainable["text_encoder"] = params["text_encoder"]
         return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), trainable)
 
     def frozen(self) -> dict:
-        """Host tree of the frozen params the step needs (the VAE, and the text encoder unless it is trained)."""
+        """Host tree of the frozen params the step needs (the VAE, and the text encoder unless it is trained; with
+        LoRA the UNet and the text encoder too, the base the factors are merged into)."""
         names = ("vae",) if self.config.train_text_encoder else ("vae", "text_encoder")
+        names += ("unet",) if self.lora_modules is not None else ()
         return {k: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), self.model.params[k]) for k in names}
 
     def batch(self, step: int) -> np.ndarray:
@@ -317,7 +332,10 @@ class SubjectFinetuner(Trainer):
     # ------------------------------------------------------------------ outputs
 
     def export(self, trainable) -> str:
-        """Write the fine-tuned model into OUT (loadable with `FlaxBlipDiffusionPipeline.from_pretrained(OUT)`)."""
+        """Write the fine-tuned model into OUT (loadable with `FlaxBlipDiffusionPipeline.from_pretrained(OUT)`); with
+        LoRA the adapter, the subject embeddings and a manifest naming the base (training/lora.py)."""
+        if self.lora_modules is not None:
+            return lora.export_lora(self.out, trainable, self.config)
         params = dict(self.model.params)
         host = jax.device_get(trainable)
         params["unet"] = host["unet"]
@@ -328,6 +346,9 @@ class SubjectFinetuner(Trainer):
         return write_converted_into(model, self.out)
 
     def preview(self, trainable, step: int) -> str:
+        if self.lora_modules is not None:
+            trainable = {**lora.merged_params(self.model.params, trainable, self.config),
+                         "subject_embeddings": trainable["subject_embeddings"]}
         params = {"text_encoder": trainable.get("text_encoder", self.model.params["text_encoder"]),
                   "unet": trainable["unet"], "vae": self.model.params["vae"],
                   "scheduler": self.pipeline.scheduler.create_state()}

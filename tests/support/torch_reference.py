@@ -116,6 +116,21 @@ def flax_unet_numerics(unet):
                 setattr(obj, attr, value)
 
 
+def torch_lavis_loss(torch_pipeline, latents, noise, timesteps, input_ids, ctx):
+    """LAVIS `BlipDiffusion.forward` after the VAE, on diffusers' PyTorch modules."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(torch_pipeline.scheduler.config)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    batch = latents.shape[0]
+    hidden = torch_pipeline.text_encoder(input_ids=input_ids.expand(batch, -1), ctx_embeddings=ctx.expand(batch, -1, -1),
+                                         ctx_begin_pos=[2] * batch)[0]
+    prediction = torch_pipeline.unet(noisy.float(), timesteps, hidden).sample
+    return F.mse_loss(prediction.float(), noise.float(), reduction="mean")
+
+
 def assert_grads_close(grads, expected_grads, tolerance):
     """Per leaf: |jax - torch| <= tolerance * (|torch| + max|torch|) elementwise."""
     for path, expected in expected_grads.items():

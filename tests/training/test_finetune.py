@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from support.images import make_image
 from support.paths import shared_image
-from support.torch_reference import assert_grads_close, flax_unet_numerics
+from support.torch_reference import assert_grads_close, flax_unet_numerics, torch_lavis_loss
 
 from blipdiff_jax.training import data
 from blipdiff_jax.training.trainer import FinetuneConfig, SubjectFinetuner, step_key
@@ -86,21 +86,6 @@ def one_device(uninterrupted, converted_model):
 
 
 # ---------------------------------------------------------------------------------------------- loss parity
-
-
-def torch_lavis_loss(torch_pipeline, latents, noise, timesteps, input_ids, ctx):
-    """LAVIS `BlipDiffusion.forward` after the VAE, on diffusers' PyTorch modules."""
-    import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(torch_pipeline.scheduler.config)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    batch = latents.shape[0]
-    hidden = torch_pipeline.text_encoder(input_ids=input_ids.expand(batch, -1), ctx_embeddings=ctx.expand(batch, -1, -1),
-                                         ctx_begin_pos=[2] * batch)[0]
-    prediction = torch_pipeline.unet(noisy.float(), timesteps, hidden).sample
-    return F.mse_loss(prediction.float(), noise.float(), reduction="mean")
 
 
 def torch_loss_and_grads(torch_pipeline, latents, noise, timesteps, input_ids, emb):
