@@ -18,6 +18,9 @@ KNOWN_BUFFERS = {
     "unet": (),
     "vae": (),
     "controlnet": (),
+    # The evaluation's metric models (convert/metrics.py); older CLIP files saved the position ids.
+    "clip": ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"),
+    "dino": (),
 }
 
 # diffusers' Flax attention modules name their projections differently from PyTorch's.
