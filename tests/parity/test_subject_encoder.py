@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,8 @@ def _compare(pt, params, config, categories, images, size, tolerance):
     tokens = pt.tokenizer(categories, padding=True, return_tensors="np")
     pixels = preprocess_reference(images, {"height": size, "width": size}, tiny.image_processor_config()["image_mean"],
                                   tiny.image_processor_config()["image_std"])
-    ours = np.asarray(module.apply({"params": params}, tokens.input_ids, tokens.attention_mask, pixels))
+    # One compiled program (op by op, the Q-Former and its vision tower cost seconds of small compiles)
+    ours = np.asarray(jax.jit(module.apply)({"params": params}, tokens.input_ids, tokens.attention_mask, pixels))
     with torch.no_grad():
         ref = pt(text_input=categories, image_input=torch.from_numpy(pixels), return_dict=False).numpy()
     assert ours.shape == ref.shape == (len(categories), config["num_query_tokens"], config["qformer_config"]["hidden_size"])

@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -25,6 +26,10 @@ def test_notebook_runs_and_is_committed_without_outputs(name, monkeypatch):
                for cell in notebook.cells if cell.cell_type == "code"), "committed with stale outputs"
     assert "colab.research.google.com" in notebook.cells[0].source
     monkeypatch.setenv("BLIPDIFF_NOTEBOOK_MODEL", "tiny")
+    # The kernels share the test run's compilation cache (conftest): the notebooks compile the same tiny
+    # programs (the 4-device generation, the Q-Former), each once per run instead of once per notebook.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(jax.config.jax_persistent_cache_min_compile_time_secs))
     client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}})
     client.execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
