@@ -167,24 +167,25 @@ def load_pipeline(model: str, scheduler: str = "pndm", dtype: str = "float32", a
 
 
 def _finetuned_params(pattern: str, subject: str, pipeline, base_params):
-    """The params (and learned subject embeddings, or None) of the subject's fine-tuned model, which must have
-    the base model's shapes (the same compiled program serves every subject)."""
+    """The params and learned subject embeddings (or None) of the subject's fine-tuned model (`blipdiff-jax
+    finetune`'s output, full or LoRA), which must have the base model's shapes: the same compiled program
+    serves every subject."""
     import jax
 
-    from ..checkpoint import load_converted
-    from ..components import cast_params
+    from ..checkpoint import is_converted_directory
+    from ..lora_files import is_lora_directory
 
     path = pattern.format(subject=subject)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--finetuned: no fine-tuned model {path} for subject {subject!r}")
-    model = load_converted(path)
-    params = {name: cast_params(model.params[name], pipeline.dtype) for name in ("qformer", "text_encoder", "unet", "vae")}
-    shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)  # noqa: E731
-    for name in params:
+    from_pt = not (is_converted_directory(path) or is_lora_directory(path))
+    tuned, params = type(pipeline).from_pretrained(path, from_pt=from_pt, dtype=pipeline.dtype)
+    shapes = lambda tree: jax.tree_util.tree_map(lambda x: (np.shape(x), np.dtype(x.dtype)), tree)  # noqa: E731
+    for name in ("qformer", "text_encoder", "unet", "vae"):
         if shapes(params[name]) != shapes(base_params[name]):
-            raise ValueError(f"--finetuned: {path}'s {name} has other shapes than --model's")
+            raise ValueError(f"--finetuned: {path}'s {name} is not shaped as --model's")
     params["scheduler"] = base_params["scheduler"]
-    return params, model.subject_embeddings
+    return params, tuned.subject_embeddings
 
 
 def _write_image(array: np.ndarray, path: str, fields: dict) -> None:
@@ -206,6 +207,8 @@ def _generate(settings: EvaluationSettings, todo: list[Job], done: int, total: i
     import jax
     from jax.sharding import Mesh
 
+    from ..pipelines import placement
+
     local = jax.local_devices()
     count = settings.devices or len(local)
     if count > len(local):
@@ -215,14 +218,17 @@ def _generate(settings: EvaluationSettings, todo: list[Job], done: int, total: i
     shape = (pipeline.unet.in_channels, settings.height // pipeline.latent_factor, settings.width // pipeline.latent_factor)
     # Without --finetuned one set of params serves every subject, placed once; with it, batches hold one
     # subject each and its model's params are placed when its first batch comes.
-    current = {"subject": None, "params": None if settings.finetuned else pipeline.shard_params(params, mesh)}
+    # Placed with the mesh's own sharding even when equivalent to theirs (params on one device, a mesh of one):
+    # every subject's params then meet the same compiled program.
+    replicated = placement.replicated_on(mesh)
+    current = {"subject": None, "params": None if settings.finetuned else jax.device_put(params, replicated)}
     embeddings = {}
 
     def subject_inputs(subject):
         if settings.finetuned and current["subject"] != subject.name:
             current["params"] = None  # the previous subject's params leave the devices first
             subject_params, learned = _finetuned_params(settings.finetuned, subject.name, pipeline, params)
-            current.update(subject=subject.name, params=pipeline.shard_params(subject_params, mesh))
+            current.update(subject=subject.name, params=jax.device_put(subject_params, replicated))
             if learned is not None:
                 embeddings[subject.name] = np.asarray(learned, np.float32).reshape((-1,) + learned.shape[-2:])[:1]
         if subject.name not in embeddings:

@@ -130,6 +130,42 @@ def test_a_stopped_run_resumes_without_regenerating(bench, flax_pipeline, one_de
     assert again["overall"] == one_device[1]["overall"] and again["real_images"] == one_device[1]["real_images"]
 
 
+def test_finetuned_models_give_their_params_and_learned_subjects(bench, flax_pipeline, converted_model, one_device):
+    """--finetuned ft/{subject}: each subject's images come from its own model's params and learned subject
+    embeddings, as the pipeline makes them from those (the same job noise)."""
+    import dataclasses
+
+    from blipdiff_jax.checkpoint import save_converted
+    from blipdiff_jax.evaluation.dreambench import load_dreambench
+    from blipdiff_jax.evaluation.jobs import job_latents, make_jobs
+
+    pipeline, params = flax_pipeline
+    rng = np.random.RandomState(0)
+    tuned = {}
+    for i, subject in enumerate(("dog", "teapot")):
+        unet = jax.tree_util.tree_map(lambda x: np.asarray(x) * (1 + 0.1 * (i + 1)), converted_model.params["unet"])
+        learned = rng.standard_normal((1, pipeline.num_query_tokens, 32)).astype(np.float32)
+        model = dataclasses.replace(converted_model, params={**converted_model.params, "unet": unet}, subject_embeddings=learned)
+        save_converted(model, os.path.join(bench["root"], "ft", subject))
+        tuned[subject] = ({**params, "unet": unet}, learned)
+    out = os.path.join(bench["root"], "finetuned")
+    results = _run(bench, out, pipeline, params, devices=1, finetuned=os.path.join(bench["root"], "ft", "{subject}"))
+    images, zero_shot = _images(out), _images(one_device[0])
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("data",))  # the program the runs compiled
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    for job in make_jobs(load_dreambench(bench["dreambench"]), 2):
+        subject_params, learned = tuned[job.subject.name]
+        expected = pipeline([job.prompt.prompt], None, None, [job.prompt.target],
+                            params=jax.device_put(subject_params, replicated),
+                            subject_embeddings=learned, latents=job_latents(0, [job], (4, 8, 8)), height=16, width=16,
+                            num_inference_steps=2, output_type="np", mesh=mesh).images[0]
+        name = os.path.relpath(job.path(out), os.path.join(out, "images"))
+        np.testing.assert_array_equal(images[name], np.round(np.clip(expected, 0, 1) * 255).astype(np.uint8), err_msg=name)
+        assert np.abs(images[name].astype(int) - zero_shot[name]).max() > 10
+    assert json.load(open(os.path.join(out, "config.json")))["finetuned"].endswith("{subject}")
+    assert "fine-tuned" in open(os.path.join(out, "results.md")).read() and results["overall"]["images"] == 8
+
+
 def test_a_run_into_an_out_made_with_other_settings_is_refused(bench, one_device):
     copy = os.path.join(bench["root"], "other-settings")
     shutil.copytree(one_device[0], copy)
