@@ -116,3 +116,19 @@ def test_results_table_puts_the_papers_rows_beside_ours():
     assert "| real images against each other (upper bound) | 0.770 | 0.880 | – | 10 |" in table
     assert "| vase | 0.600 | 0.800 | 0.310 | 1 |" in table
     assert "CLIP ViT-B-32" in table[0]
+
+
+def test_scheduler_flag_builds_on_the_models_noise_schedule():
+    from diffusers import FlaxDDIMScheduler, FlaxDPMSolverMultistepScheduler
+
+    from blipdiff_jax import tiny
+    from blipdiff_jax.evaluation.runner import EvaluationSettings, build_scheduler
+
+    config = tiny.scheduler_config()
+    assert build_scheduler("pndm", config) is None  # the model's own
+    for name, cls in (("ddim", FlaxDDIMScheduler), ("dpm-solver", FlaxDPMSolverMultistepScheduler)):
+        scheduler = build_scheduler(name, config)
+        assert type(scheduler) is cls
+        assert (scheduler.config.beta_end, scheduler.config.beta_schedule) == (0.012, "scaled_linear")
+    with pytest.raises(ValueError, match="--scheduler: one of pndm, ddim, dpm-solver, euler, not 'ddpm'"):
+        EvaluationSettings(model="m", dreambench="d", out="o", scheduler="ddpm").validate({"scheduler": "--scheduler"})

@@ -173,6 +173,22 @@ def test_a_run_into_an_out_made_with_other_settings_is_refused(bench, one_device
         _run(bench, copy, None, None, steps=3)
 
 
+def test_cli_rescores_a_finished_run_and_prints_the_table(bench, one_device, capsys):
+    """`blipdiff-jax evaluate` into a finished OUT: nothing to generate (--model is not even loaded), the metric
+    models read from their converted folders, the same scores, the table and the CLIP backbone printed."""
+    out = os.path.join(bench["root"], "cli")
+    shutil.copytree(one_device[0], out)
+    os.remove(os.path.join(out, "results.json"))
+    code = main(["evaluate", "--model", "tiny", "--dreambench", bench["dreambench"], "--out", out, "--clip", bench["clip_dir"],
+                 "--dino", bench["dino_dir"], "--images-per-prompt", "2", "--steps", "2", "--height", "16", "--width", "16",
+                 "--devices", "1", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "8 of 8 images, 8 already in" in printed and "| BLIP-Diffusion fine-tuned (paper) | 0.670 | 0.805 | 0.302 | |" in printed
+    assert f"CLIP backbone: {bench['clip_dir']}" in printed
+    np.testing.assert_allclose(_scores(json.load(open(os.path.join(out, "results.json")))), _scores(one_device[1]), atol=1e-6)
+
+
 def test_cli_errors_name_the_flag(bench, tmp_path, capsys):
     args = ["evaluate", "--model", "tiny", "--out", str(tmp_path / "out")]
     assert main(args + ["--dreambench", str(tmp_path / "missing")]) == 2
