@@ -98,7 +98,7 @@ PRETRAIN_FLAGS = {field: "--" + field.replace("_", "-") for field in (
     "out", "data", "backgrounds", "toy", "steps", "batch_size", "learning_rate", "warmup_steps", "schedule",
     "weight_decay", "max_grad_norm", "ema_decay", "train", "caption_dropout", "subject_dropout", "prompt_reps",
     "resolution", "compute_dtype", "remat", "devices", "checkpoint_every", "resume", "seed", "preview_every",
-    "preview_steps")}
+    "preview_steps", "mesh", "grad_accum", "device_memory_gib")}
 
 
 def add_pretrain_parser(subparsers):
@@ -132,6 +132,18 @@ def add_pretrain_parser(subparsers):
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32", help="(default: %(default)s)")
     p.add_argument("--remat", action="store_true", help="recompute UNet block activations in the backward pass")
     p.add_argument("--devices", type=int, default=None, help="data-parallel devices (default: as many as divide --batch-size)")
+    p.add_argument("--mesh", default=None, help="device mesh 'data=D,fsdp=F': parameters, gradients and optimizer state "
+                   "sharded over fsdp, the batch over both (default: all devices on data)")
+    p.add_argument("--grad-accum", type=int, default=None, help="microbatches per step, gradients summed (default: 1)")
+    p.add_argument("--plan", action="store_true", help="compile the step for --mesh and --batch-size, print the "
+                   "per-device memory plan and exit")
+    p.add_argument("--device-memory-gib", type=float, default=None, help="per-device memory budget the plan is checked "
+                   "against (default: what the device reports; none on CPU)")
+    p.add_argument("--distributed", action="store_true", help="multi-process run: jax.distributed.initialize() "
+                   "(TPU pods, Slurm and JAX_COORDINATOR_ADDRESS are detected; or --coordinator ...)")
+    p.add_argument("--coordinator", default=None, help="coordinator host:port of a multi-process run (implies --distributed)")
+    p.add_argument("--num-processes", type=int, default=None, help="processes of a multi-process run (with --coordinator)")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index (with --coordinator)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="save a checkpoint every N steps (default: 1000; --toy: 200)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, noise and (--toy) the model (default: %(default)s)")
@@ -142,20 +154,24 @@ def add_pretrain_parser(subparsers):
     return p
 
 
-def run_pretrain(args) -> str:
-    """Pre-train as `args` says; returns OUT. Bad arguments raise ValueError/TypeError naming the flag."""
+def run_pretrain(args) -> str | None:
+    """Pre-train as `args` says; returns OUT (None after --plan, or a run stopped by SIGTERM). Bad arguments
+    raise ValueError/TypeError naming the flag."""
     import jax.numpy as jnp
 
     from .pretrain import PretrainConfig, SubjectPretrainer
 
+    start_distributed(args)
     given = {field: getattr(args, field) for field in (
         "steps", "batch_size", "learning_rate", "warmup_steps", "schedule", "weight_decay", "max_grad_norm",
         "ema_decay", "caption_dropout", "subject_dropout", "prompt_reps", "resolution", "checkpoint_every",
-        "preview_steps") if getattr(args, field) is not None}
+        "preview_steps", "grad_accum", "device_memory_gib") if getattr(args, field) is not None}
     if args.train is not None:
         given["train"] = tuple(g.strip() for g in args.train.split(",") if g.strip())
     common = dict(compute_dtype=getattr(jnp, args.compute_dtype), remat=args.remat, devices=args.devices,
-                  preview_every=args.preview_every)
+                  preview_every=args.preview_every, mesh=args.mesh)
+    if args.plan and args.toy:
+        raise ValueError("--plan: plans a --model's step (the toy recipe is planned by running it)")
     if args.toy:
         for flag, value in (("--model", args.model), ("--data", args.data), ("--backgrounds", args.backgrounds)):
             if value is not None:
@@ -174,9 +190,34 @@ def run_pretrain(args) -> str:
                                 **{"checkpoint_every": 1000, **given}, **common)
         config.validate(PRETRAIN_FLAGS)
         model = _load_model(args.model, args.qformer_tokenizer)
-        out = SubjectPretrainer(model, config, names=PRETRAIN_FLAGS).train()
+        trainer = SubjectPretrainer(model, config, names=PRETRAIN_FLAGS)
+        if args.plan:
+            plan = trainer.plan()
+            print(plan.line())
+            plan.check("--device-memory-gib")
+            return None  # nothing trained, nothing written
+        out = trainer.train()
+        if trainer.stopped_at < config.steps:
+            print(f"stopped at step {trainer.stopped_at}; its checkpoint is in {out}: run the same command to continue")
+            return None
     print(f"pre-trained model in {out}: FlaxBlipDiffusionPipeline.from_pretrained({out!r})")
     return out
+
+
+def start_distributed(args) -> None:
+    """jax.distributed.initialize() for a multi-process run, before JAX touches a device: with the flags, or
+    (--distributed alone) from the environment JAX detects (TPU pod slices, Slurm, JAX_COORDINATOR_ADDRESS)."""
+    import jax
+
+    given = {"coordinator_address": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
+    if not (args.distributed or args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        for flag, value in (("--num-processes", args.num_processes), ("--process-id", args.process_id)):
+            if value is not None:
+                raise ValueError(f"{flag}: only with --coordinator (or --distributed)")
+        return
+    if args.coordinator and (args.num_processes is None or args.process_id is None):
+        raise ValueError("--coordinator: give --num-processes and --process-id with it")
+    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
 
 
 def _load_model(path: str, qformer_tokenizer=None):

@@ -39,8 +39,10 @@ from ..models.context_clip import encode_contexts
 from .config import check_ints
 from .export import write_converted_into
 from .loss import DiffusionLoss
+from . import sharding
+from .memory_plan import MemoryPlan
 from .pretrain_data import FolderSource, PretrainBatches, ToyWorldSource
-from .trainer import Trainer, cached_step
+from .trainer import Trainer, barrier, cached_step
 
 GROUPS = ("qformer", "text_encoder", "unet", "vision")
 DEFAULT_GROUPS = ("qformer", "text_encoder", "unet")
@@ -69,6 +71,10 @@ class PretrainConfig:
     compute_dtype: object = jnp.float32  # jnp.bfloat16: bf16 compute, fp32 master weights
     remat: bool = False
     devices: int | None = None
+    mesh: str | None = None  # "data=D,fsdp=F" (sharding.py); None: `devices` (or as many as divide the batch) on data
+    grad_accum: int = 1  # microbatches per step (gradients summed in the step: less activation memory)
+    shard_min_size: int = sharding.DEFAULT_MIN_SIZE  # leaves of at least this many elements are split over fsdp
+    device_memory_gib: float | None = None  # the per-device budget of the memory plan (None: the device's own)
     checkpoint_every: int = 0
     resume: bool = False
     seed: int = 0
@@ -85,7 +91,13 @@ class PretrainConfig:
         if self.data is not None and self.backgrounds is None:
             raise ValueError(f"{name('backgrounds')}: a folder of background images is required with {name('data')}")
         check_ints(self, {"steps": 1, "batch_size": 1, "warmup_steps": 0, "prompt_reps": 1, "resolution": 8,
-                          "checkpoint_every": 0, "seed": 0, "preview_every": 0, "preview_steps": 1}, name)
+                          "checkpoint_every": 0, "seed": 0, "preview_every": 0, "preview_steps": 1, "grad_accum": 1,
+                          "shard_min_size": 1}, name)
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"{name('grad_accum')}={self.grad_accum} must divide {name('batch_size')}={self.batch_size}")
+        if self.device_memory_gib is not None and (isinstance(self.device_memory_gib, bool) or not isinstance(
+                self.device_memory_gib, (int, float)) or not 0 < self.device_memory_gib < math.inf):
+            raise ValueError(f"{name('device_memory_gib')}={self.device_memory_gib!r} must be a positive number of GiB")
         ranges = {"learning_rate": (0, math.inf, False), "weight_decay": (0, math.inf, True),
                   "max_grad_norm": (0, math.inf, False), "ema_decay": (0, 1, True),
                   "caption_dropout": (0, 1, True), "subject_dropout": (0, 1, True)}
@@ -203,9 +215,28 @@ def make_pretrain_optimizer(config: PretrainConfig) -> optax.GradientTransformat
     return optax.chain(*parts)
 
 
-def make_pretrain_step(loss: PretrainLoss, optimizer, caption_dropout: float, subject_dropout: float):
-    """One jitted step: the VAE latents, noise, timesteps and dropout masks drawn from `key`, then
-    value_and_grad of the loss and the optimizer update."""
+def make_pretrain_step(loss: PretrainLoss, optimizer, caption_dropout: float, subject_dropout: float, grad_accum: int = 1):
+    """One jitted step: the VAE latents, noise, timesteps and dropout masks drawn from `key` for the whole batch,
+    then value_and_grad of the loss (summed over `grad_accum` microbatches in a scan) and the optimizer update.
+    The draws do not depend on `grad_accum`, so neither does the step's result (up to summation order)."""
+
+    def gradients(trainable, frozen, batch, *per_example):
+        if grad_accum == 1:
+            return jax.value_and_grad(loss)(trainable, frozen, batch, *per_example)
+        uncond = batch["uncond_ids"]
+        examples = ({k: v for k, v in batch.items() if k != "uncond_ids"}, *per_example)
+        # Microbatch j holds examples j, j+K, j+2K, ...: each device's rows stay on that device.
+        micro = jax.tree_util.tree_map(
+            lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), examples)
+
+        def accumulate(total, xs):
+            part, *rest = xs
+            value, grads = jax.value_and_grad(loss)(trainable, frozen, {**part, "uncond_ids": uncond}, *rest)
+            return jax.tree_util.tree_map(jnp.add, total, (value, grads)), None
+
+        zeros = (jnp.zeros((), loss.loss_dtype), jax.tree_util.tree_map(jnp.zeros_like, trainable))
+        total, _ = jax.lax.scan(accumulate, zeros, micro)
+        return jax.tree_util.tree_map(lambda x: x / grad_accum, total)
 
     def step(trainable, opt_state, frozen, batch, key):
         sample_key, subject_key, caption_key = jax.random.split(key, 3)
@@ -213,29 +244,61 @@ def make_pretrain_step(loss: PretrainLoss, optimizer, caption_dropout: float, su
         size = latents.shape[0]
         keep_subject = jax.random.uniform(subject_key, (size,)) >= subject_dropout
         keep_caption = jax.random.uniform(caption_key, (size,)) >= caption_dropout
-        value, grads = jax.value_and_grad(loss)(trainable, frozen, batch, latents, noise, timesteps, keep_subject, keep_caption)
+        value, grads = gradients(trainable, frozen, batch, latents, noise, timesteps, keep_subject, keep_caption)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, value
 
-    return loss.runtime.jit(step, donate_argnums=(0, 1))
+    return step
 
 
 def cached_pretrain_step(configs: dict, ctx_begin_pos: int, config: PretrainConfig):
-    """(loss, optimizer, jitted step) shared by pre-trainers of the same model configs and settings."""
+    """(loss, optimizer, step function) shared by pre-trainers of the same model configs and settings; the step
+    is compiled for a mesh by `compiled_step`."""
     settings = {k: getattr(config, k) for k in ("steps", "learning_rate", "warmup_steps", "schedule", "weight_decay",
-                                                "max_grad_norm", "ema_decay", "caption_dropout", "subject_dropout", "remat")}
+                                                "max_grad_norm", "ema_decay", "caption_dropout", "subject_dropout", "remat",
+                                                "grad_accum")}
     key = json.dumps(["pretrain", {k: configs[k] for k in ("qformer", "unet", "text_encoder", "vae", "scheduler")},
                       int(ctx_begin_pos), jnp.dtype(config.compute_dtype).name, settings], sort_keys=True, default=str)
 
     def build():
         loss = PretrainLoss(configs, ctx_begin_pos, config.compute_dtype, config.remat)
         optimizer = make_pretrain_optimizer(config)
-        return loss, optimizer, make_pretrain_step(loss, optimizer, float(config.caption_dropout), float(config.subject_dropout))
+        step = make_pretrain_step(loss, optimizer, float(config.caption_dropout), float(config.subject_dropout),
+                                  int(config.grad_accum))
+        return loss, optimizer, step
 
     return cached_step(key, build)
 
 
+_COMPILED: dict = {}  # (step function, shapes and shardings of its arguments) -> compiled step
+
+
+def compiled_step(loss: PretrainLoss, step, args: tuple):
+    """`step` compiled ahead of time for `args` (arrays or ShapeDtypeStructs with shardings): `jax.jit` with
+    `in_shardings` those of `args` and `out_shardings` those of the trainable and optimizer state, both
+    donated, so parameters and optimizer state stay sharded as placed, step after step."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    signature = (id(step), treedef, tuple((x.shape, jnp.dtype(x.dtype).name, x.sharding) for x in leaves))
+    if signature not in _COMPILED:
+        in_shardings = jax.tree_util.tree_map(lambda x: x.sharding, args)
+        replicated = sharding.replicated(leaves[0].sharding.mesh)
+        jitted = loss.runtime.jit(step, in_shardings=in_shardings, donate_argnums=(0, 1),
+                                  out_shardings=(in_shardings[0], in_shardings[1], replicated))
+        if len(_COMPILED) >= 4:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        with loss.runtime.compiling():
+            _COMPILED[signature] = jitted.lower(*args).compile()
+    return _COMPILED[signature]
+
+
 # ---------------------------------------------------------------------------------------------- trainer
+
+
+def _float32(x):
+    """Host float32 copy of a param; a ShapeDtypeStruct (a model of shapes only, for a memory plan) stays one."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    return np.asarray(x, np.float32)
 
 
 class SubjectPretrainer(Trainer):
@@ -255,23 +318,49 @@ class SubjectPretrainer(Trainer):
         self.groups = tuple(config.train)
         self.source = ToyWorldSource(config.resolution) if config.toy else FolderSource(
             config.data, config.backgrounds, (self._name("data"), self._name("backgrounds")))
-        self._setup_devices(config.devices, config.batch_size)
-        self.batches = PretrainBatches(self.source, self.pipeline, config.resolution, config.batch_size // jax.process_count(),
-                                       config.seed, config.prompt_reps, jax.process_index(), jax.process_count())
+        self._setup_devices(config.devices, config.batch_size, config.mesh, config.shard_min_size)
+        if config.batch_size % (config.grad_accum * self.num_devices):
+            raise ValueError(f"{self._name('batch_size')}={config.batch_size} must split into {self._name('grad_accum')}="
+                             f"{config.grad_accum} microbatches of a multiple of {self.num_devices} device(s)")
+        self.batches = PretrainBatches(self.source, self.pipeline, config.resolution, config.batch_size, config.seed,
+                                       config.prompt_reps, rows=self._process_rows(config.batch_size))
         self.loss, self.optimizer, self.train_step = cached_pretrain_step(model.configs, self.pipeline.ctx_begin_pos, config)
+        self.memory_plan = None
         _, uncond = self.pipeline.prepare_inputs([""], [""])
         self.uncond_ids = uncond
 
+    auto_resume = True
+
     def _description(self) -> str:
-        return f"pre-training on {self.num_devices} device(s)"
+        sizes = ",".join(f"{axis}={size}" for axis, size in self.mesh.shape.items())
+        return f"pre-training on {self.num_devices} device(s) ({sizes})"
+
+    def _process_rows(self, batch_size: int) -> tuple[int, int]:
+        """The rows [start, stop) of each global batch that this process's devices hold (and it loads)."""
+        index_map = self._shardings[1].addressable_devices_indices_map((batch_size,))
+        rows = sorted({r for (index,) in index_map.values() for r in range(*index.indices(batch_size))})
+        if rows != list(range(rows[0], rows[-1] + 1)):
+            raise ValueError(f"{self._name('mesh')}: this process's devices hold rows {rows} of the batch, not one "
+                             f"contiguous block; order the devices by process")
+        return rows[0], rows[-1] + 1
+
+    def _compile_step(self, args: tuple):
+        """The step compiled for the placed `args`, after its memory plan is printed and checked (ValueError
+        when it does not fit the device)."""
+        compiled = compiled_step(self.loss, self.train_step, args)
+        self.memory_plan = MemoryPlan.of(compiled, self.mesh, self.config.device_memory_gib)
+        if self.is_primary and self.config.progress:
+            print(self.memory_plan.line(), flush=True)
+        self.memory_plan.check(self._name("device_memory_gib"))
+        return compiled
 
     def _host_state(self, resuming: bool) -> dict:
         trainable, _ = PretrainLoss.split(self.model.params, self.groups)
-        return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), trainable)
+        return jax.tree_util.tree_map(_float32, trainable)
 
     def _frozen(self) -> dict:
         _, frozen = PretrainLoss.split(self.model.params, self.groups)
-        return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), frozen)
+        return jax.tree_util.tree_map(_float32, frozen)
 
     def batch(self, step: int) -> dict:
         """Host arrays of step `step` (this process's share), with the unconditional prompt ids."""
@@ -281,6 +370,30 @@ class SubjectPretrainer(Trainer):
         batch = self.batch(step)
         uncond = self._replicate(batch.pop("uncond_ids"))
         return ({**self._shard_batch(batch), "uncond_ids": uncond},)
+
+    def abstract_step_args(self) -> tuple:
+        """ShapeDtypeStructs (with shardings) of every argument of the step, for a memory plan that allocates
+        nothing: the state by `_initial_state`'s rule, the batch from one host batch's shapes."""
+        host = self._host_state(False)
+        opt = jax.eval_shape(self.optimizer.init, host)
+        frozen = self._frozen()
+        batch = self.batch(0)
+        uncond = batch.pop("uncond_ids")
+        spec = lambda tree, shardings: jax.tree_util.tree_map(  # noqa: E731
+            lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+        rows = {k: jax.ShapeDtypeStruct((self.config.batch_size,) + v.shape[1:], v.dtype, sharding=self._shardings[1])
+                for k, v in batch.items()}
+        rows["uncond_ids"] = jax.ShapeDtypeStruct(uncond.shape, uncond.dtype, sharding=self._shardings[0])
+        key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+        return (spec(host, self._state_shardings(host)), spec(opt, self._state_shardings(opt)),
+                spec(frozen, self._state_shardings(frozen)), rows,
+                jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self._shardings[0]))
+
+    def plan(self) -> MemoryPlan:
+        """Compile the step for this mesh and batch on abstract arguments and return its per-device memory plan."""
+        self.memory_plan = MemoryPlan.of(compiled_step(self.loss, self.train_step, self.abstract_step_args()),
+                                         self.mesh, self.config.device_memory_gib)
+        return self.memory_plan
 
     # ------------------------------------------------------------------ outputs
 
@@ -293,17 +406,23 @@ class SubjectPretrainer(Trainer):
     def params_of(self, trainable) -> dict:
         """The model's host params with `trainable` in place of the trained groups."""
         _, frozen = PretrainLoss.split(self.model.params, self.groups)
-        return PretrainLoss.merge(jax.device_get(trainable), frozen)
+        return PretrainLoss.merge(self._to_host(trainable), frozen)
 
     def export(self, trainable) -> str:
+        """Write the model into OUT (process 0; every process takes part in gathering the weights)."""
         model = dataclasses.replace(self.model, params=self.params_of(trainable), subject_embeddings=None)
-        return write_converted_into(model, self.out)
+        if self.is_primary:
+            write_converted_into(model, self.out)
+        barrier("blipdiff-jax: exported")
+        return self.out
 
     def preview(self, trainable, step: int) -> str:
         """previews/step-XXXX.png: the first example's reference beside a generation from it."""
         from PIL import Image
 
         params = self.params_of(trainable)
+        if not self.is_primary:
+            return ""
         params = {k: params[k] for k in ("qformer", "text_encoder", "unet", "vae")}
         params["scheduler"] = self.pipeline.scheduler.create_state()
         example = self.source.example(self.config.seed + 1, 0)

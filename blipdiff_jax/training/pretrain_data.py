@@ -12,9 +12,10 @@ Sources:
   target; the subject, cut out by its mask, is pasted at a random place, scale and flip on a random image
   of the `backgrounds` folder to make the reference.
 
-Example `i` of a run is a pure function of `(seed, i)`; batch `step` holds examples `[step * B, (step+1) * B)`
-of this process's shard (every `process_count`-th example, from `process_index`), read by random access
-into a `grain.MapDataset`, so a resumed run reads exactly what an uninterrupted one would.
+Example `i` of a run is a pure function of `(seed, i)`; global batch `step` holds examples
+`[step * B, (step+1) * B)`, of which each process reads (by random access into a `grain.MapDataset`) the rows
+its devices hold, `[step * B + start, step * B + stop)`. So a resumed run reads exactly what an uninterrupted
+one would, and the global batch is the same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -120,17 +121,17 @@ class PretrainBatches:
     QFORMER_LENGTH = 16
 
     def __init__(self, source, pipeline, resolution: int, batch_size: int, seed: int, prompt_reps: int,
-                 process_index: int = 0, process_count: int = 1):
+                 rows: tuple[int, int] | None = None):
         import grain
 
         from .data import target_image
 
         self.source, self.pipeline = source, pipeline
         self.resolution, self.prompt_reps, self.seed = resolution, prompt_reps, seed
+        self.batch_size = batch_size
+        self.rows = (0, batch_size) if rows is None else tuple(rows)  # this process's rows of a global batch
         self._target_image = target_image
-        # Global example ids; this process reads every process_count-th one.
-        examples = grain.MapDataset.range(0, 2**40)[process_index::process_count]
-        self.dataset = examples.map(self._example).batch(batch_size, batch_fn=self._collate)
+        self.examples = grain.MapDataset.range(0, 2**40).map(self._example)  # by global example id
         # Captions and categories repeat across a dataset (the toy world has 16 pairs of them): tokenizing
         # each once keeps the host's share of a step small.
         self._token_ids = functools.lru_cache(maxsize=2**16)(self._tokenize)
@@ -162,4 +163,5 @@ class PretrainBatches:
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
     def __getitem__(self, step: int) -> dict:
-        return self.dataset[int(step)]
+        first = int(step) * self.batch_size
+        return self._collate([self.examples[first + row] for row in range(*self.rows)])

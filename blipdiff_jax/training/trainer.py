@@ -25,6 +25,7 @@ and its images from `data.batch_indices(seed, step, ...)`, so a resumed run repe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -37,7 +38,7 @@ import numpy as np
 import optax
 
 from ..checkpoint import ConvertedModel
-from . import checkpoints, data, lora
+from . import checkpoints, data, lora, sharding
 from .config import FinetuneConfig
 from .export import write_converted_into
 from .loss import DiffusionLoss
@@ -111,29 +112,44 @@ def _choose_devices(requested: int | None, batch_size: int, name=str) -> int:
     return max(d for d in range(1, min(available, batch_size) + 1) if batch_size % d == 0)
 
 
+def barrier(name: str) -> None:
+    """Every process waits here for the others (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 class Trainer:
     """The training loop every trainer shares: output folder, orbax checkpoints with exact resume, the loss
     log, previews and export. A subclass supplies what differs (`_host_state`, `_frozen`, `_step_args`,
     `export`, `preview`, `_description`) and a jitted `train_step(trainable, opt_state, frozen, *args, key)`."""
 
     run_kind = "training"
+    auto_resume = False  # True: OUT holding this run's settings and a checkpoint resumes without `resume`
     keep_in_out: tuple = ()  # entries OUT may already hold when a new run starts (e.g. the toy base model)
 
     def _name(self, field: str) -> str:
         return self.names.get(field, field)
 
-    def _setup_devices(self, requested, batch_size) -> None:
-        self.num_devices = _choose_devices(requested, batch_size, self._name)
-        if self.num_devices > 1:
-            from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-            self.mesh = Mesh(np.array(jax.devices()[: self.num_devices]), ("data",))
-            self._shardings = (NamedSharding(self.mesh, PartitionSpec()), NamedSharding(self.mesh, PartitionSpec("data")))
+    def _setup_devices(self, requested, batch_size, mesh: str | None = None, min_size: int = sharding.DEFAULT_MIN_SIZE) -> None:
+        """The training mesh (sharding.py): `mesh` "data=D,fsdp=F", or `requested` devices (None: as many as
+        divide the batch) all on `data`. The batch must split evenly over every device and every process."""
+        if mesh is not None and requested is not None:
+            raise ValueError(f"{self._name('devices')}: give {self._name('devices')} or {self._name('mesh')}, not both")
+        if mesh is None:
+            sizes = {sharding.DATA: _choose_devices(requested, batch_size, self._name), sharding.FSDP: 1}
         else:
-            from jax.sharding import SingleDeviceSharding
-
-            self.mesh = None
-            self._shardings = (SingleDeviceSharding(jax.devices()[0]),) * 2
+            sizes = sharding.parse_mesh(mesh, len(jax.devices()), self._name("mesh"))
+        self.num_devices = sizes[sharding.DATA] * sizes[sharding.FSDP]
+        if batch_size % self.num_devices:
+            raise ValueError(f"{self._name('batch_size')}={batch_size} cannot be split evenly over {self.num_devices} devices")
+        self.mesh = sharding.make_mesh(sizes[sharding.DATA], sizes[sharding.FSDP])
+        if len({d.process_index for d in self.mesh.devices.flat}) != jax.process_count():
+            raise ValueError(f"{self._name('mesh')}: the mesh of {self.num_devices} device(s) must include devices of "
+                             f"every one of the {jax.process_count()} processes")
+        self.shard_min_size = min_size
+        self._shardings = (sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh))
 
     def _check_resolution(self, model, resolution: int) -> None:
         """Training images must pass the VAE's and the UNet's downsampling evenly."""
@@ -144,20 +160,51 @@ class Trainer:
 
     def _replicate(self, tree):
         # Always committed to an explicit sharding: restored checkpoints are, and the compiled step must match.
-        return jax.device_put(tree, self._shardings[0])
+        return sharding.place(tree, jax.tree_util.tree_map(lambda _: self._shardings[0], tree))
+
+    def _state_shardings(self, tree):
+        """Shardings of a state tree (params, optimizer state) on the mesh, by the FSDP rule."""
+        return sharding.state_shardings(tree, self.mesh, self.shard_min_size)
 
     def _shard_batch(self, array):
-        return jax.device_put(array, self._shardings[1])
+        """This process's rows of the batch -> the global batch, split over every device."""
+        return sharding.place_batch(array, self._shardings[1])
+
+    def _to_host(self, tree):
+        """Numpy copy of a tree of global arrays, on every process (an all-gather across processes)."""
+        if jax.process_count() == 1:
+            return jax.device_get(tree)
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+
+    @property
+    def is_primary(self) -> bool:
+        """Process 0 writes the config, the loss log, previews and the exported model."""
+        return jax.process_index() == 0
 
     # ------------------------------------------------------------------ output folder
 
     def _path(self, *parts) -> str:
         return os.path.join(self.out, *parts)
 
-    def _prepare_out(self) -> None:
+    def _resumable(self) -> bool:
+        """Whether OUT holds a run with these settings and a checkpoint (`auto_resume`: a preempted job, started
+        again with the same command, continues where it stopped)."""
+        try:
+            with open(self._path(CONFIG_FILE)) as f:
+                stored = json.load(f)
+        except (OSError, ValueError):
+            return False
+        return stored == json.loads(json.dumps(self.config.resume_settings())) and any(
+            name.isdigit() for name in (os.listdir(self._path(CHECKPOINTS)) if os.path.isdir(self._path(CHECKPOINTS)) else ()))
+
+    def _prepare_out(self) -> bool:
+        """Check OUT (every process), then create it (process 0). Returns whether the run resumes."""
         settings = self.config.resume_settings()
         config_file = self._path(CONFIG_FILE)
-        if self.config.resume:
+        resume = self.config.resume or (self.auto_resume and self._resumable())
+        if resume:
             if not os.path.isfile(config_file):
                 raise ValueError(f"{self._name('resume')}: {self.out} holds no {self.run_kind} run ({CONFIG_FILE} is missing)")
             with open(config_file) as f:
@@ -166,72 +213,105 @@ class Trainer:
                 if stored.get(key) != settings[key]:
                     raise ValueError(f"{self._name(key)}={settings[key]!r} differs from the run being resumed "
                                      f"({stored.get(key)!r}); resume with the same settings")
-            return
+            return True
         if os.path.exists(self.out) and (not os.path.isdir(self.out) or set(os.listdir(self.out)) - set(self.keep_in_out)):
             raise FileExistsError(f"{self._name('out')}: {self.out} already exists and is not empty; pass "
                                   f"{self._name('resume')} to continue its run or choose a new directory")
-        os.makedirs(self.out, exist_ok=True)
-        with open(config_file, "w") as f:
-            json.dump(settings, f, indent=2, sort_keys=True)
+        barrier("blipdiff-jax: OUT checked")  # no process sees the folder process 0 is about to create
+        if self.is_primary:
+            os.makedirs(self.out, exist_ok=True)
+            with open(config_file, "w") as f:
+                json.dump(settings, f, indent=2, sort_keys=True)
+        barrier("blipdiff-jax: OUT created")
+        return False
 
     def _check_before_training(self) -> None:
         """Settings checks that need the model (called before anything is written)."""
 
+    def _compile_step(self, args: tuple):
+        """The step to run on `args` (placed arrays: trainable, opt_state, frozen, *step args, key). By default
+        the cached jitted step, whose shardings follow its committed arguments; the pre-trainer compiles it
+        ahead of time for its mesh (and checks its memory plan)."""
+        return self.train_step
+
     # ------------------------------------------------------------------ loop
+
+    def _initial_state(self, manager, resuming: bool):
+        """(start step, trainable, opt_state, rng), placed on the mesh: restored from the latest checkpoint
+        straight into its shardings, or fresh (the optimizer state created sharded, never whole on one device)."""
+        host = self._host_state(resuming)
+        abstract = jax.eval_shape(lambda tree: tree, host)
+        opt_abstract = jax.eval_shape(self.optimizer.init, abstract)
+        shardings = (self._state_shardings(abstract), self._state_shardings(opt_abstract))
+        rng = jax.random.PRNGKey(self.config.seed)
+        if resuming:  # nothing is allocated on the devices for the state that the checkpoint replaces
+            targets = [jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shard)
+                       for tree, shard in ((abstract, shardings[0]), (opt_abstract, shardings[1]))]
+            rng_target = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=self._shardings[0])
+            return checkpoints.restore_latest(manager, targets[0], targets[1], rng_target)
+        trainable = sharding.place(host, shardings[0])
+        del host
+        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings[1])(trainable)
+        return 0, trainable, opt_state, self._replicate(rng)
 
     def train(self, stop_after: int | None = None) -> str:
         """Run to `config.steps` (or stop once `stop_after` steps are done, as an interruption would: no export).
+        SIGTERM (a preempted job) ends the run the same way after the current step, with a checkpoint saved.
         Returns OUT."""
         from tqdm.auto import tqdm
 
         config = self.config
         self._check_before_training()
-        self._prepare_out()
+        resuming = self._prepare_out()
         manager = checkpoints.manager(self._path(CHECKPOINTS))
-        rng = jax.random.PRNGKey(config.seed)
-        resuming = config.resume and manager.latest_step() is not None
-        if config.resume and not resuming:
+        if resuming and manager.latest_step() is None:
             raise ValueError(f"{self._name('resume')}: no checkpoint under {self._path(CHECKPOINTS)}")
-        host = self._host_state(resuming)
-        start = 0
-        if resuming:  # nothing is allocated on the devices for the state that the checkpoint replaces
-            start, host, opt_host, rng = checkpoints.restore_latest(manager, host, jax.eval_shape(self.optimizer.init, host), rng)
+        start, trainable, opt_state, rng = self._initial_state(manager, resuming)
+        if resuming and self.is_primary:
             checkpoints.trim_loss_log(self._path(LOSS_LOG), start)
-            trainable, opt_state = self._replicate((host, opt_host))
-        else:
-            trainable = self._replicate(host)
-            opt_state = self._replicate(self.optimizer.init(trainable))
-        del host
-        frozen, rng = self._replicate((self._frozen(), rng))
+        frozen_host = self._frozen()
+        frozen = sharding.place(frozen_host, self._state_shardings(frozen_host))
+        del frozen_host
         end = config.steps if stop_after is None else min(config.steps, stop_after)
-        bar = tqdm(total=config.steps, initial=start, unit="step", disable=not config.progress, dynamic_ncols=True,
-                   desc=self._description())
+        bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, desc=self._description(),
+                   disable=not (config.progress and self.is_primary))
+        preemption = checkpoints.Preemption()
+        done = start
         try:
-            with open(self._path(LOSS_LOG), "a") as log:
+            with open(self._path(LOSS_LOG), "a") if self.is_primary else contextlib.nullcontext() as log:
                 args = self._step_args(start) if start < end else None
+                step_fn = self._compile_step((trainable, opt_state, frozen, *args, step_key(rng, start))) if args else None
                 for step in range(start, end):
-                    trainable, opt_state, loss = self.train_step(trainable, opt_state, frozen, *args, step_key(rng, step))
+                    trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, *args, step_key(rng, step))
                     # The next batch is prepared on the host while the devices run this step.
                     args = self._step_args(step + 1) if step + 1 < end else None
-                    loss = float(loss)
+                    loss = float(loss.addressable_data(0))
                     done = step + 1
-                    log.write(json.dumps({"step": done, "loss": loss, "time": round(time.time(), 3)}) + "\n")
-                    log.flush()
+                    if log is not None:
+                        log.write(json.dumps({"step": done, "loss": loss, "time": round(time.time(), 3)}) + "\n")
+                        log.flush()
                     bar.set_postfix(loss=f"{loss:.4f}")
                     bar.update(1)
                     if not math.isfinite(loss):
                         raise ValueError(f"{self._name('learning_rate')}: the loss became {loss} at step {done} "
                                          f"(latest checkpoint: {manager.latest_step()}); try a lower learning rate")
-                    if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end:
+                    stopping = preemption.reached(done)
+                    if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end or stopping:
                         checkpoints.save(manager, done, trainable, opt_state, rng)
+                    if stopping:
+                        end = done
+                        bar.write(f"stopped by SIGTERM after step {done}; the same command (or --resume) continues")
+                        break
                     if config.preview_every and done % config.preview_every == 0:
                         self.preview(trainable, done)
         finally:
+            preemption.close()
             bar.close()
             manager.wait_until_finished()
             manager.close()
-        self.trainable, self.opt_state = trainable, opt_state  # the final state, for inspection
-        if end == config.steps:
+        self.trainable, self.opt_state, self.frozen_state = trainable, opt_state, frozen  # the final state, for inspection
+        self.stopped_at = done
+        if done == config.steps:
             self.export(self._exported(trainable, opt_state))
         return self.out
 
