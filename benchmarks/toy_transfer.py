@@ -123,11 +123,13 @@ def measure(model: str, seeds: int = 4, steps: int = 25, guidance: float = TOY_G
 
 
 def finetune_gain(model_dir: str, subject, seeds: int = 8, steps: int = 25, guidance: float = TOY_GUIDANCE,
-                  finetune_steps: int = 60, images: int = 8) -> dict:
+                  finetune_steps: int = 60, images: int = 8, overrides: dict | None = None, zero_shot: bool = True) -> dict:
     """Fine-tune the toy model on `images` pictures of one held-out subject in context (on the named
     backgrounds in turn, as photos show a subject in its scenes; the existing `finetune`), then compare its
     generations (learned subject embeddings, no reference) with zero-shot ones from each of the same views
-    of the subject on a cluttered background (the references pre-training saw), on the same prompts and seeds."""
+    of the subject on a cluttered background (the references pre-training saw), on the same prompts and seeds.
+    `overrides`: other `FinetuneConfig` settings (LoRA's, benchmarks/lora.py); `zero_shot=False` skips the
+    zero-shot generations (None in the result)."""
     import tempfile
 
     import jax
@@ -147,7 +149,8 @@ def finetune_gain(model_dir: str, subject, seeds: int = 8, steps: int = 25, guid
         return [f["colour"] == colour and f["pattern"] == pattern for f in found]
 
     pipe, params = FlaxBlipDiffusionPipeline.from_pretrained(model_dir)
-    before = [h for i in range(images) for h in hits(pipe, params, toyworld.render_subject(*subject, None, seed=61_000 + i))]
+    before = [h for i in range(images) for h in hits(pipe, params, toyworld.render_subject(*subject, None, seed=61_000 + i))
+              ] if zero_shot else []
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "images")
         os.makedirs(folder)
@@ -155,13 +158,18 @@ def finetune_gain(model_dir: str, subject, seeds: int = 8, steps: int = 25, guid
             background = backgrounds[i % len(backgrounds)]
             toyworld.render_subject(*subject, background, seed=61_000 + i).save(os.path.join(folder, f"{i}.png"))
         config = FinetuneConfig(images=folder, subject=shape, out=os.path.join(tmp, "ft"), steps=finetune_steps,
-                                batch_size=images, learning_rate=1e-4, resolution=32, progress=False)
-        SubjectFinetuner(load_converted(model_dir), config).train()
+                                batch_size=images, resolution=32, progress=False, **{"learning_rate": 1e-4, **(overrides or {})})
+        trainer = SubjectFinetuner(load_converted(model_dir), config)
+        trainer.train()
         tuned, tuned_params = FlaxBlipDiffusionPipeline.from_pretrained(config.out)
         after = hits(tuned, tuned_params, seed=7) + hits(tuned, tuned_params, seed=8)
-    return {"subject": " ".join(subject), "zero_shot": sum(before) / len(before), "zero_shot_images": len(before),
+        with open(os.path.join(config.out, "loss.jsonl")) as f:
+            losses = [json.loads(line)["loss"] for line in f]
+    trained = sum(leaf.size for leaf in jax.tree_util.tree_leaves(trainer.trainable))
+    return {"subject": " ".join(subject), "zero_shot": sum(before) / len(before) if before else None, "zero_shot_images": len(before),
             "fine_tuned": sum(after) / len(after), "fine_tuned_images": len(after), "finetune_images": images,
-            "finetune_steps": finetune_steps}
+            "finetune_steps": finetune_steps, "learning_rate": config.learning_rate, "trained_parameters": int(trained),
+            "loss_first": sum(losses[:10]) / 10, "loss_last": sum(losses[-10:]) / 10}
 
 
 def edit_check(model_dir: str, seeds: int = 8, steps: int = 25, guidance: float = TOY_GUIDANCE) -> dict:

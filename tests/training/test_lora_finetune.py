@@ -64,9 +64,9 @@ def max_diff(a, b):
 
 @pytest.fixture(scope="module")
 def run(converted_model, pipe, image_dir, base_dir, tmp_path_factory):
-    """3 steps, a checkpoint after each, exported to OUT (the manifest names `base_dir`)."""
+    """3 steps, exported to OUT (the manifest names `base_dir`)."""
     out = tmp_path_factory.mktemp("lora") / "out"
-    trainer = trainer_for(converted_model, pipe, out, images=image_dir, steps=3, checkpoint_every=1, base_model=base_dir)
+    trainer = trainer_for(converted_model, pipe, out, images=image_dir, steps=3, base_model=base_dir)
     trainer.train()
     return trainer, str(out)
 
@@ -91,7 +91,7 @@ def torch_with_factors(module, factors, style, targets):
 
 
 @pytest.mark.slow
-def test_one_step_matches_peft_in_pytorch(converted_model, pipe, image_dir, torch_pipeline, run, tmp_path, monkeypatch):
+def test_one_step_matches_peft_in_pytorch(converted_model, pipe, image_dir, torch_pipeline, tmp_path, monkeypatch):
     """The first step from factors with a random `up` (peft starts it at zero, which would leave `down` without
     gradient): its logged loss, and its gradients read from AdamW's first moment (exactly 0.1 * gradient after
     one step), against LAVIS's loss on peft-adapted PyTorch modules holding the same factors."""
@@ -131,6 +131,7 @@ def test_one_step_matches_peft_in_pytorch(converted_model, pipe, image_dir, torc
 # ---------------------------------------------------------------------------------------------- what trains, OUT
 
 
+@pytest.mark.slow
 def test_only_the_factors_and_embeddings_train(run, converted_model):
     trainer, out = run
     trained = trainer.trainable
@@ -230,8 +231,10 @@ def test_cli_finetunes_a_lora_and_generates_from_it(converted_model, base_dir, i
     out = tmp_path / "dog-lora"
     assert main(["finetune", "--model", base_dir, "--images", image_dir, "--subject", "dog", "--out", str(out),
                  "--steps", "1", "--resolution", "16", "--batch-size", "2", "--learning-rate", "1e-2", "--seed", "3",
-                 "--lora-rank", str(RANK), "--lora-alpha", str(ALPHA), "--lora-text-encoder", "--quiet"]) == 0
+                 "--lora-rank", str(RANK), "--lora-alpha", str(ALPHA), "--lora-text-encoder", "--quiet",
+                 "--preview-every", "1", "--preview-steps", "2"]) == 0
     assert "LoRA adapter in" in capsys.readouterr().out
+    assert os.path.isfile(out / "previews" / "step-0001.png")  # drawn with the factors merged
     image = tmp_path / "moon.png"
     assert main(["generate", "--model", str(out), "--subject", "dog", "--prompt", "on the moon", "--steps", "2",
                  "--height", "16", "--width", "16", "--out", str(image), "--no-compile-cache"]) == 0
