@@ -83,8 +83,8 @@ def plan(mesh: str, per_device_batch: int, remat: bool, fake: int, budget_gib: f
     trainer = SubjectPretrainer(abstract_real_model(), config)
     started = time.perf_counter()
     result = trainer.plan()
-    return {"mesh": mesh, "fake_devices": fake, "per_device_batch": per_device_batch, "remat": remat,
-            "grad_accum": grad_accum, "compile_s": round(time.perf_counter() - started, 1), **result.as_dict()}
+    return {**result.as_dict(), "mesh": mesh, "fake_devices": fake, "per_device_batch": per_device_batch, "remat": remat,
+            "grad_accum": grad_accum, "compile_s": round(time.perf_counter() - started, 1)}
 
 
 # ---------------------------------------------------------------------------------------------- scaling
@@ -163,7 +163,10 @@ def write_results(plans: list[dict] | None, rows: list[dict] | None) -> None:
     if plans:
         lines += ["## Memory plan of the real-size stage-2 step (512x512, bf16 compute, fp32 AdamW state)", "",
                   "XLA's memory analysis of the compiled step per device (`blipdiff-jax pretrain ... --plan`), compiled "
-                  "for fake CPU devices; trained: Q-Former, text encoder, UNet. Target: <= 14 GiB per device (a 16 GB chip).",
+                  "for fake CPU devices; trained: Q-Former, text encoder, UNet; total = arguments + temporaries + "
+                  "outputs - aliased (donated state). Target: <= 14 GiB per device (a 16 GB chip). This is the CPU "
+                  "compiler's buffer assignment: a TPU's or GPU's compiler lays out and fuses differently, so run "
+                  "`--plan` on the target before a long job (it checks the device's own limit there).",
                   "", "| mesh | batch per device | remat | arguments GiB | temporaries GiB | outputs GiB | aliased GiB | total GiB |",
                   "|---|---|---|---|---|---|---|---|"]
         for p in plans:

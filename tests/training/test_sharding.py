@@ -171,6 +171,9 @@ def test_memory_plan_is_printed_and_an_over_budget_step_refused(converted_model,
     plan = trainer.memory_plan  # made before the first step
     assert plan is not None and plan.mesh == {"data": 1, "fsdp": 1}
     assert 0 < plan.arguments and 0 < plan.total and plan.limit is None  # CPU reports no limit
+    # `--plan` compiles the same program on ShapeDtypeStructs, allocating nothing: the same plan
+    assert pretrainer(converted_model, tmp_path / "plan", devices=1).plan() == plan
+    assert "total" in plan.line() and not os.path.exists(tmp_path / "plan")
     with pytest.raises(ValueError, match="device_memory_gib.*per device"):
         pretrainer(converted_model, tmp_path / "small", devices=1, device_memory_gib=plan.total / 2**30 / 2).train()
     assert not os.path.exists(tmp_path / "small" / "checkpoints" / "1")
