@@ -41,15 +41,15 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["BLIPDIFF_TEST_RUN_CACHE"], ignore_errors=True)
 
 
-# The files that take longest on 2 CPU cores, longest first (measured whole-suite seconds: ~220, 150, 120, 100,
-# 70, 65, 60, 55, 50, 45, 40, 35, 30). `--dist loadfile` hands the files out in this order, then the rest in
-# collection order, so both workers end on short files; xdist's own order (most tests first) started the
+# The files that take longest on 2 CPU cores, longest first (whole-suite seconds from ~220 down to ~30).
+# `--dist loadfile` hands the files out in this order, then the rest in collection order, so both workers end on short files; xdist's own order (most tests first) started the
 # notebooks and the two-process test last, leaving one worker idle for a minute.
 LONGEST_FILES = (
-    "parity/test_editing.py", "system/test_notebooks.py", "system/test_new_user.py", "training/test_pretrain.py",
-    "system/test_multidevice.py", "training/test_finetune.py", "parity/test_pipeline.py", "system/test_multiprocess.py",
-    "system/test_cli.py", "runtime/test_vae_decode.py", "parity/test_controlnet.py", "conversion/test_convert.py",
-    "runtime/test_attention.py",
+    "training/test_sharding.py", "parity/test_editing.py", "system/test_notebooks.py", "system/test_new_user.py",
+    "training/test_pretrain.py", "system/test_multidevice.py", "training/test_finetune.py", "parity/test_lora.py",
+    "parity/test_pipeline.py", "evaluation/test_evaluate.py", "training/test_lora_finetune.py",
+    "system/test_multiprocess.py", "system/test_cli.py", "runtime/test_vae_decode.py", "parity/test_controlnet.py",
+    "conversion/test_convert.py", "runtime/test_attention.py",
 )
 
 
