@@ -42,8 +42,9 @@ def pytest_unconfigure(config):
 
 
 # The files that take longest on 2 CPU cores, longest first (whole-suite seconds from ~220 down to ~30).
-# `--dist loadfile` hands the files out in this order, then the rest in collection order, so both workers end on short files; xdist's own order (most tests first) started the
-# notebooks and the two-process test last, leaving one worker idle for a minute.
+# `--dist loadfile` hands the files out in this order, then the rest in collection order, so both workers
+# end on short files; xdist's own order (most tests first) started the notebooks and the two-process test
+# last, leaving one worker idle for a minute.
 LONGEST_FILES = (
     "training/test_sharding.py", "parity/test_editing.py", "system/test_notebooks.py", "system/test_new_user.py",
     "training/test_pretrain.py", "system/test_multidevice.py", "training/test_finetune.py", "parity/test_lora.py",
