@@ -140,10 +140,10 @@ def add_pretrain_parser(subparsers):
     p.add_argument("--device-memory-gib", type=float, default=None, help="per-device memory budget the plan is checked "
                    "against (default: what the device reports; none on CPU)")
     p.add_argument("--distributed", action="store_true", help="multi-process run: jax.distributed.initialize() "
-                   "(TPU pods, Slurm and JAX_COORDINATOR_ADDRESS are detected; or --coordinator ...)")
-    p.add_argument("--coordinator", default=None, help="coordinator host:port of a multi-process run (implies --distributed)")
-    p.add_argument("--num-processes", type=int, default=None, help="processes of a multi-process run (with --coordinator)")
-    p.add_argument("--process-id", type=int, default=None, help="this process's index (with --coordinator)")
+                   "(TPU pods, Slurm and JAX_COORDINATOR_ADDRESS are detected; or --coordinator-address ...)")
+    p.add_argument("--coordinator-address", default=None, help="coordinator host:port of a multi-process run (implies --distributed)")
+    p.add_argument("--num-processes", type=int, default=None, help="processes of a multi-process run (with --coordinator-address)")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index (with --coordinator-address)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="save a checkpoint every N steps (default: 1000; --toy: 200)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, noise and (--toy) the model (default: %(default)s)")
@@ -209,14 +209,14 @@ def start_distributed(args) -> None:
     (--distributed alone) from the environment JAX detects (TPU pod slices, Slurm, JAX_COORDINATOR_ADDRESS)."""
     import jax
 
-    given = {"coordinator_address": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
-    if not (args.distributed or args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    given = {"coordinator_address": args.coordinator_address, "num_processes": args.num_processes, "process_id": args.process_id}
+    if not (args.distributed or args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")):
         for flag, value in (("--num-processes", args.num_processes), ("--process-id", args.process_id)):
             if value is not None:
-                raise ValueError(f"{flag}: only with --coordinator (or --distributed)")
+                raise ValueError(f"{flag}: only with --coordinator-address (or --distributed)")
         return
-    if args.coordinator and (args.num_processes is None or args.process_id is None):
-        raise ValueError("--coordinator: give --num-processes and --process-id with it")
+    if args.coordinator_address and (args.num_processes is None or args.process_id is None):
+        raise ValueError("--coordinator-address: give --num-processes and --process-id with it")
     jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
 
 

@@ -95,6 +95,13 @@ class PretrainConfig:
                           "shard_min_size": 1}, name)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"{name('grad_accum')}={self.grad_accum} must divide {name('batch_size')}={self.batch_size}")
+        if self.mesh is not None:  # checked here, before the toy recipe's VAE or any model is built
+            sizes = sharding.parse_mesh(self.mesh, len(jax.devices()), name("mesh"))
+            if self.batch_size % (sizes[sharding.DATA] * sizes[sharding.FSDP]):
+                raise ValueError(f"{name('batch_size')}={self.batch_size} cannot be split evenly over the "
+                                 f"{sizes[sharding.DATA] * sizes[sharding.FSDP]} devices of {name('mesh')}={self.mesh!r}")
+            if self.devices is not None:
+                raise ValueError(f"{name('devices')}: give {name('devices')} or {name('mesh')}, not both")
         if self.device_memory_gib is not None and (isinstance(self.device_memory_gib, bool) or not isinstance(
                 self.device_memory_gib, (int, float)) or not 0 < self.device_memory_gib < math.inf):
             raise ValueError(f"{name('device_memory_gib')}={self.device_memory_gib!r} must be a positive number of GiB")

@@ -177,3 +177,16 @@ def test_memory_plan_is_printed_and_an_over_budget_step_refused(converted_model,
     with pytest.raises(ValueError, match="device_memory_gib.*per device"):
         pretrainer(converted_model, tmp_path / "small", devices=1, device_memory_gib=plan.total / 2**30 / 2).train()
     assert not os.path.exists(tmp_path / "small" / "checkpoints" / "1")
+
+
+def test_cli_refuses_bad_distributed_and_plan_flags(tmp_path, capsys):
+    from blipdiff_jax.cli import main
+
+    out = str(tmp_path / "o")
+    assert main(["pretrain", "--model", "m", "--out", out, "--num-processes", "2"]) == 2
+    assert "--num-processes: only with --coordinator-address" in capsys.readouterr().err
+    assert main(["pretrain", "--toy", "--out", out, "--plan"]) == 2
+    assert "--plan" in capsys.readouterr().err
+    assert main(["pretrain", "--toy", "--out", out, "--mesh", "data=64"]) == 2
+    assert "--mesh" in capsys.readouterr().err
+    assert not os.path.exists(out)
