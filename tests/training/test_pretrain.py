@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from support.images import make_image
+from support.models import smallest_model
 from support.torch_reference import assert_grads_close, flax_unet_numerics
 from PIL import Image
 
@@ -287,9 +288,15 @@ def read_losses(out):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(converted_model, tmp_path_factory):
+def small_model(tmp_path_factory):
+    """The runs below compare with no PyTorch model: the smallest model trains them (a quarter of the compile)."""
+    return smallest_model(str(tmp_path_factory.mktemp("smallest")))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("pre") / "run"
-    trainer = pretrainer(converted_model, out, steps=30, checkpoint_every=10)
+    trainer = pretrainer(small_model, out, steps=30, checkpoint_every=10)
     trainer.train()
     return trainer, str(out)
 
@@ -313,11 +320,11 @@ def test_short_pretraining_lowers_the_loss_and_exports_a_model(uninterrupted):
 
 
 @pytest.mark.slow
-def test_stop_and_resume_equals_an_uninterrupted_run(converted_model, uninterrupted, tmp_path):
+def test_stop_and_resume_equals_an_uninterrupted_run(small_model, uninterrupted, tmp_path):
     trainer, out = uninterrupted
-    stopped = pretrainer(converted_model, tmp_path / "run", steps=30, checkpoint_every=10)
+    stopped = pretrainer(small_model, tmp_path / "run", steps=30, checkpoint_every=10)
     stopped.train(stop_after=20)
-    resumed = pretrainer(converted_model, tmp_path / "run", steps=30, checkpoint_every=10, resume=True)
+    resumed = pretrainer(small_model, tmp_path / "run", steps=30, checkpoint_every=10, resume=True)
     resumed.train()
     assert read_losses(str(tmp_path / "run")) == read_losses(out)
     for a, b in zip(jax.tree_util.tree_leaves(resumed.trainable), jax.tree_util.tree_leaves(trainer.trainable)):
@@ -335,10 +342,10 @@ def test_batches_are_a_function_of_seed_and_step(uninterrupted):
 
 
 @pytest.mark.slow
-def test_ema_weights_are_exported(converted_model, tmp_path):
+def test_ema_weights_are_exported(small_model, tmp_path):
     # The EMA is one optax transformation over whatever is trained: training the Q-Former alone compiles a step
     # of ~55% the cost of the three default groups' (a second full train step after `uninterrupted`'s).
-    trainer = pretrainer(converted_model, tmp_path / "ema", steps=3, ema_decay=0.5, train=("qformer",))
+    trainer = pretrainer(small_model, tmp_path / "ema", steps=3, ema_decay=0.5, train=("qformer",))
     trainer.train()
     ema = trainer._exported(trainer.trainable, trainer.opt_state)
     kernel = lambda tree: np.asarray(tree["qformer"]["proj_layer"]["dense1"]["kernel"])  # noqa: E731

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from support.models import smallest_model
 from support.paths import ROOT
 
 from blipdiff_jax.training import sharding
@@ -44,9 +45,14 @@ def checkpoint_state(out, step, like):
 
 
 @pytest.fixture(scope="module")
-def one_device(converted_model, tmp_path_factory):
+def model(tmp_path_factory):
+    return smallest_model(str(tmp_path_factory.mktemp("smallest")))
+
+
+@pytest.fixture(scope="module")
+def one_device(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "run"
-    trainer = pretrainer(converted_model, out, devices=1)
+    trainer = pretrainer(model, out, devices=1)
     trainer.train(stop_after=STEPS)
     return trainer, str(out)
 
@@ -66,22 +72,22 @@ def test_rule_splits_large_leaves_on_their_largest_divisible_dimension():
             sharding.parse_mesh(bad, 4)
 
 
-def test_bad_mesh_settings_are_refused_before_compiling(converted_model, tmp_path):
+def test_bad_mesh_settings_are_refused_before_compiling(model, tmp_path):
     for overrides, error, match in ((dict(mesh="data=3"), ValueError, "batch_size"),
                                     (dict(mesh="data=2", devices=2), ValueError, "devices"),
                                     (dict(grad_accum=3), ValueError, "grad_accum"),
                                     (dict(mesh="data=4", grad_accum=4), ValueError, "grad_accum"),
                                     (dict(mesh=4), TypeError, "mesh")):
         with pytest.raises(error, match=match):
-            pretrainer(converted_model, tmp_path / "o", **overrides)
+            pretrainer(model, tmp_path / "o", **overrides)
     assert not os.path.exists(tmp_path / "o")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh, grad_accum", [("data=4", 1), ("fsdp=4", 1), ("data=2,fsdp=2", 2)])
-def test_mesh_losses_equal_one_device_and_state_is_sharded(converted_model, one_device, tmp_path, mesh, grad_accum):
+def test_mesh_losses_equal_one_device_and_state_is_sharded(model, one_device, tmp_path, mesh, grad_accum):
     out = tmp_path / "run"
-    trainer = pretrainer(converted_model, out, mesh=mesh, grad_accum=grad_accum)
+    trainer = pretrainer(model, out, mesh=mesh, grad_accum=grad_accum)
     trainer.train(stop_after=STEPS)
     frozen = trainer.frozen_state["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
     assert frozen.sharding.spec == sharding.param_spec(frozen.shape, trainer.mesh.shape["fsdp"], MIN_SIZE)  # frozen: same rule
@@ -99,17 +105,17 @@ def test_mesh_losses_equal_one_device_and_state_is_sharded(converted_model, one_
             else:
                 assert shard.shape == leaf.shape
     if fsdp > 1:  # the UNet's kernels and their AdamW moments
-        unet_kernel = trainer.trainable["unet"]["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["ff"]["net_0"]["proj"]["kernel"]
+        unet_kernel = trainer.trainable["unet"]["mid_block"]["attentions_0"]["transformer_blocks_0"]["ff"]["net_0"]["proj"]["kernel"]
         assert "fsdp" in unet_kernel.sharding.spec
-        assert split >= 50, split
+        assert split >= 20, split
     else:
         assert split == 0
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(converted_model, one_device, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(model, one_device, tmp_path):
     out = tmp_path / "run"
-    trainer = pretrainer(converted_model, out, devices=1)
+    trainer = pretrainer(model, out, devices=1)
     prepare = trainer._step_args
 
     def preempted_after_step_3(step):  # as a scheduler's SIGTERM arriving while step 3 runs
@@ -123,7 +129,7 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(converted_model
     assert sorted(os.listdir(out / "checkpoints")) == ["3"]
     assert not os.path.exists(out / "model_index.json")  # not exported
     assert signal.getsignal(signal.SIGTERM) is not trainer  # our handler is gone after the run
-    resumed = pretrainer(converted_model, out, devices=1)  # no resume flag: the same command continues
+    resumed = pretrainer(model, out, devices=1)  # no resume flag: the same command continues
     resumed.train(stop_after=STEPS)
     assert read_losses(str(out)) == read_losses(one_device[1])
     for a, b in zip(jax.tree_util.tree_leaves(resumed.trainable), jax.tree_util.tree_leaves(one_device[0].trainable)):
@@ -133,10 +139,10 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(converted_model
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.skipif(not cpu_collectives_available(), reason="this jaxlib has no CPU collectives (no gloo TCP collectives)")
-def test_two_processes_give_the_losses_and_checkpoint_of_one(converted_model, one_device, tmp_path):
+def test_two_processes_give_the_losses_and_checkpoint_of_one(model, one_device, tmp_path):
     from blipdiff_jax.checkpoint import save_converted
 
-    model_dir = save_converted(converted_model, str(tmp_path / "model"))
+    model_dir = save_converted(model, str(tmp_path / "model"))
     out = str(tmp_path / "two")
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "pretrain_scaling.py"), "processes", "--model", model_dir,
            "--out", out, "--processes", "2", "--mesh", "fsdp=2", "--stop-after", str(STEPS), "--timeout", "240"]
@@ -147,35 +153,35 @@ def test_two_processes_give_the_losses_and_checkpoint_of_one(converted_model, on
     trainer = one_device[0]
     like = {"trainable": trainer.trainable, "opt_state": trainer.opt_state, "rng": jax.random.PRNGKey(0)}
     two, one = checkpoint_state(out, STEPS, like), checkpoint_state(one_device[1], STEPS, like)
-    assert len(jax.tree_util.tree_leaves(two)) == len(jax.tree_util.tree_leaves(one))
+    assert len(jax.tree_util.tree_leaves(two)) == len(jax.tree_util.tree_leaves(one)) > 100
     # AdamW moves a parameter by ~the learning rate whatever its gradient's size, so where the true gradient is
     # zero (biases just before a group norm) the update follows rounding noise (|g| ~ 1e-11, second moment
     # < 1e-18; real gradients' are > 1e-16) and differs between any two reduction orders by up to lr per step.
     # Every other leaf must agree within 1e-5.
     second_moment = one["opt_state"][1][0].nu
     noise_only = jax.tree_util.tree_map(lambda nu: float(np.max(np.asarray(nu))) < 1e-18, second_moment)
-    noisy = 0
+    noisy, total = 0, 0
     for (path, a), b, only_noise in zip(jax.tree_util.tree_leaves_with_path(one["trainable"]),
                                         jax.tree_util.tree_leaves(two["trainable"]), jax.tree_util.tree_leaves(noise_only)):
         atol = STEPS * TOY_SETTINGS["learning_rate"] if only_noise else 1e-5
-        noisy += only_noise
+        noisy, total = noisy + only_noise, total + 1
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
-    assert noisy <= 20, noisy  # a few biases
+    assert noisy < total / 3, (noisy, total)  # biases and the time-embedding projections before group norms
     for a, b in zip(jax.tree_util.tree_leaves(one["opt_state"]), jax.tree_util.tree_leaves(two["opt_state"])):
         assert np.shape(a) == np.shape(b)
 
 
 @pytest.mark.slow
-def test_memory_plan_is_printed_and_an_over_budget_step_refused(converted_model, one_device, tmp_path, capsys):
+def test_memory_plan_is_printed_and_an_over_budget_step_refused(model, one_device, tmp_path, capsys):
     trainer, _ = one_device
     plan = trainer.memory_plan  # made before the first step
     assert plan is not None and plan.mesh == {"data": 1, "fsdp": 1}
     assert 0 < plan.arguments and 0 < plan.total and plan.limit is None  # CPU reports no limit
     # `--plan` compiles the same program on ShapeDtypeStructs, allocating nothing: the same plan
-    assert pretrainer(converted_model, tmp_path / "plan", devices=1).plan() == plan
+    assert pretrainer(model, tmp_path / "plan", devices=1).plan() == plan
     assert "total" in plan.line() and not os.path.exists(tmp_path / "plan")
     with pytest.raises(ValueError, match="device_memory_gib.*per device"):
-        pretrainer(converted_model, tmp_path / "small", devices=1, device_memory_gib=plan.total / 2**30 / 2).train()
+        pretrainer(model, tmp_path / "small", devices=1, device_memory_gib=plan.total / 2**30 / 2).train()
     assert not os.path.exists(tmp_path / "small" / "checkpoints" / "1")
 
 
