@@ -357,7 +357,9 @@ class SubjectPretrainer(Trainer):
         compiled = compiled_step(self.loss, self.train_step, args)
         self.memory_plan = MemoryPlan.of(compiled, self.mesh, self.config.device_memory_gib)
         if self.is_primary and self.config.progress:
-            print(self.memory_plan.line(), flush=True)
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.memory_plan.line())  # above the progress bar, not through it
         self.memory_plan.check(self._name("device_memory_gib"))
         return compiled
 
