@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
 GIB = 2**30
 
 
