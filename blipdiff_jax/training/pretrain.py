@@ -285,7 +285,8 @@ def compiled_step(loss: PretrainLoss, step, args: tuple):
     `in_shardings` those of `args` and `out_shardings` those of the trainable and optimizer state, both
     donated, so parameters and optimizer state stay sharded as placed, step after step."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    signature = (id(step), treedef, tuple((x.shape, jnp.dtype(x.dtype).name, x.sharding) for x in leaves))
+    # The step itself (not its id, which a collected function's successor could reuse) keys the cache.
+    signature = (step, treedef, tuple((x.shape, jnp.dtype(x.dtype).name, x.sharding) for x in leaves))
     if signature not in _COMPILED:
         in_shardings = jax.tree_util.tree_map(lambda x: x.sharding, args)
         replicated = sharding.replicated(leaves[0].sharding.mesh)
@@ -383,9 +384,10 @@ class SubjectPretrainer(Trainer):
     def abstract_step_args(self) -> tuple:
         """ShapeDtypeStructs (with shardings) of every argument of the step, for a memory plan that allocates
         nothing: the state by `_initial_state`'s rule, the batch from one host batch's shapes."""
-        host = self._host_state(False)
+        trainable, frozen = PretrainLoss.split(self.model.params, self.groups)
+        host, frozen = (jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32), tree)
+                        for tree in (trainable, frozen))  # shapes only: no float32 copy of the weights
         opt = jax.eval_shape(self.optimizer.init, host)
-        frozen = self._frozen()
         batch = self.batch(0)
         uncond = batch.pop("uncond_ids")
         spec = lambda tree, shardings: jax.tree_util.tree_map(  # noqa: E731

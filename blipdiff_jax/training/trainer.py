@@ -134,16 +134,13 @@ class Trainer:
 
     def _setup_devices(self, requested, batch_size, mesh: str | None = None, min_size: int = sharding.DEFAULT_MIN_SIZE) -> None:
         """The training mesh (sharding.py): `mesh` "data=D,fsdp=F", or `requested` devices (None: as many as
-        divide the batch) all on `data`. The batch must split evenly over every device and every process."""
-        if mesh is not None and requested is not None:
-            raise ValueError(f"{self._name('devices')}: give {self._name('devices')} or {self._name('mesh')}, not both")
+        divide the batch) all on `data`. The settings were checked already (`_choose_devices`, or the config's
+        `validate` for a mesh: one of the two, the batch split evenly); the mesh must span every process."""
         if mesh is None:
             sizes = {sharding.DATA: _choose_devices(requested, batch_size, self._name), sharding.FSDP: 1}
         else:
             sizes = sharding.parse_mesh(mesh, len(jax.devices()), self._name("mesh"))
         self.num_devices = sizes[sharding.DATA] * sizes[sharding.FSDP]
-        if batch_size % self.num_devices:
-            raise ValueError(f"{self._name('batch_size')}={batch_size} cannot be split evenly over {self.num_devices} devices")
         self.mesh = sharding.make_mesh(sizes[sharding.DATA], sizes[sharding.FSDP])
         if len({d.process_index for d in self.mesh.devices.flat}) != jax.process_count():
             raise ValueError(f"{self._name('mesh')}: the mesh of {self.num_devices} device(s) must include devices of "
