@@ -76,6 +76,19 @@ def preprocess_reference(images, size: dict, mean, std, argname: str = "referenc
     return np.stack(batch).astype(np.float32)
 
 
+def resize_and_center_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:
+    """torchvision's `Resize(resize)` (bicubic, the short side to `resize`, the long side truncated) then
+    `CenterCrop(crop)` (offsets rounded as torchvision rounds them): LAVIS's training targets and the
+    DreamBench metrics' preprocessing."""
+    width, height = image.size
+    size = (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
+    image = image.resize(size, Image.BICUBIC)
+    if min(size) < crop:
+        raise ValueError(f"image of {size} after resizing is smaller than the {crop} crop")
+    left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+    return image.crop((left, top, left + crop, top + crop))
+
+
 def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
     """(N, H, W, 3) floats in [0, 1] -> PIL images (rounded as diffusers' `numpy_to_pil`)."""
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in np.asarray(images)]

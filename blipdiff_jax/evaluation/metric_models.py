@@ -22,23 +22,14 @@ def preprocess(images, resize: int, crop: int, mean, std) -> np.ndarray:
     Normalize(mean, std). `images`: PIL images or paths."""
     from PIL import Image
 
+    from ..image_processing import resize_and_center_crop
+
     out = []
     for image in images:
         if not isinstance(image, Image.Image):
             with Image.open(image) as opened:
                 image = opened.convert("RGB")
-        image = image.convert("RGB")
-        w, h = image.size
-        if w <= h:
-            size = (resize, int(resize * h / w))
-        else:
-            size = (int(resize * w / h), resize)
-        image = image.resize(size, Image.BICUBIC)
-        w, h = image.size
-        if w < crop or h < crop:
-            raise ValueError(f"image of {image.size} after resizing is smaller than the {crop} crop")
-        top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
-        image = image.crop((left, top, left + crop, top + crop))
+        image = resize_and_center_crop(image.convert("RGB"), resize, crop)
         array = np.asarray(image, dtype=np.float32) / 255.0
         array = (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
         out.append(array.transpose(2, 0, 1))

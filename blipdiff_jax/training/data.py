@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from ..image_processing import load_image
+from ..image_processing import load_image, resize_and_center_crop
 
 
 def list_images(directory: str, argname: str = "images") -> list[str]:
@@ -47,16 +47,7 @@ def list_images(directory: str, argname: str = "images") -> list[str]:
 def target_image(image, resolution: int, argname: str = "images") -> np.ndarray:
     """(3, R, R) float32 in [-1, 1]: bicubic resize of the short side to R, center crop (torchvision's
     `Resize(R)`, `CenterCrop(R)`, `Normalize(0.5, 0.5)` as LAVIS's target processor)."""
-    image = load_image(image, argname)
-    width, height = image.size
-    if width <= height:
-        size = (resolution, int(resolution * height / width))
-    else:
-        size = (int(resolution * width / height), resolution)
-    image = image.resize(size, Image.BICUBIC)
-    left = int(round((size[0] - resolution) / 2.0))
-    top = int(round((size[1] - resolution) / 2.0))
-    image = image.crop((left, top, left + resolution, top + resolution))
+    image = resize_and_center_crop(load_image(image, argname), resolution, resolution)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return ((array - 0.5) / 0.5).transpose(2, 0, 1)
 
