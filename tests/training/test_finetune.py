@@ -7,15 +7,15 @@ so the train step compiles once; the one-device reference (parity, data parallel
 """
 
 import argparse
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support.images import make_image
+from support.images import make_image, write_subject_images
 from support.paths import shared_image
+from support.runs import read_log
 from support.torch_reference import assert_grads_close, flax_unet_numerics, torch_lavis_loss
 
 from blipdiff_jax.training import data
@@ -35,15 +35,7 @@ def pipe(flax_pipeline):
 
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("subject")
-    for i, size in enumerate([(40, 56), (56, 40), (32, 32)]):
-        make_image(30 + i, size).save(path / f"{i:02d}.png")
-    return str(path)
-
-
-def read_log(out):
-    with open(os.path.join(out, "loss.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return write_subject_images(tmp_path_factory.mktemp("subject"))
 
 
 def train(model, pipeline, out, stop_after=None, **overrides):

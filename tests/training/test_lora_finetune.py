@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-from support.images import make_image
+from support.images import write_subject_images
+from support.runs import read_log
 from support.torch_reference import assert_grads_close, flax_unet_numerics, torch_lavis_loss
 
 from blipdiff_jax import FlaxBlipDiffusionPipeline
@@ -35,10 +36,7 @@ def pipe(flax_pipeline):
 
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("subject")
-    for i, size in enumerate([(40, 56), (56, 40), (32, 32)]):
-        make_image(30 + i, size).save(path / f"{i:02d}.png")
-    return str(path)
+    return write_subject_images(tmp_path_factory.mktemp("subject"))
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +48,6 @@ def base_dir(converted_model, tmp_path_factory):
 
 def trainer_for(model, pipeline, out, **overrides):
     return SubjectFinetuner(model, FinetuneConfig(out=str(out), **{**SETTINGS, **overrides}), pipeline=pipeline)
-
-
-def read_log(out):
-    with open(os.path.join(out, "loss.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def max_diff(a, b):

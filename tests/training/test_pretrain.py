@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from support.images import make_image
 from support.models import smallest_model
+from support.runs import read_losses
 from support.torch_reference import assert_grads_close, flax_unet_numerics
 from PIL import Image
 
@@ -280,11 +281,6 @@ def test_config_errors_name_the_setting(tmp_path):
 
 def pretrainer(model, out, **overrides):
     return SubjectPretrainer(model, PretrainConfig(out=str(out), **{**SETTINGS, **overrides}))
-
-
-def read_losses(out):
-    with open(os.path.join(out, "loss.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Pre-training at scale: the sharding rule, meshes of the 4 fake CPU devices (data, fsdp, both) against one
 device, SIGTERM and resume, two processes against one, and the memory plan."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from support.models import smallest_model
 from support.paths import ROOT
+from support.runs import read_losses
 
 from blipdiff_jax.training import sharding
 from blipdiff_jax.training.pretrain import PretrainConfig, SubjectPretrainer
@@ -28,11 +28,6 @@ MIN_SIZE = TOY_SETTINGS["shard_min_size"]
 
 def pretrainer(model, out, **overrides):
     return SubjectPretrainer(model, PretrainConfig(out=str(out), **{**TOY_SETTINGS, **overrides}))
-
-
-def read_losses(out):
-    with open(os.path.join(out, "loss.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
 
 
 def checkpoint_state(out, step, like):
