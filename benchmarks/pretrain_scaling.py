@@ -158,8 +158,11 @@ def launch(args) -> int:
 
 
 def write_results(plans: list[dict] | None, rows: list[dict] | None) -> None:
+    from machine import cpu_description
+
     lines = ["# Pre-training at scale", "",
-             "Written by `python benchmarks/pretrain_scaling.py plan --write` and `scaling --write`.", ""]
+             "Written by `python benchmarks/pretrain_scaling.py plan --write` and `scaling --write` on "
+             f"{cpu_description()}. No PyTorch column: LAVIS released no stage-2 training to run beside it.", ""]
     if plans:
         lines += ["## Memory plan of the real-size stage-2 step (512x512, bf16 compute, fp32 AdamW state)", "",
                   "XLA's memory analysis of the compiled step per device (`blipdiff-jax pretrain ... --plan`), compiled "
