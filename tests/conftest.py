@@ -12,6 +12,11 @@ import tempfile
 # parity tolerance holds as at the default level.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The plain JAX path GPUs and TPUs run: the CPU layer rewrites (models/cpu_rewrites.py, the decoder in strips)
+# make the tiny programs' compiles ~1.7x longer for nothing a tiny model needs. The tests of the rewrites build
+# their pipelines with `cpu_rewrites=True` (runtime/, and a parity test per mode: `flax_pipeline_cpu_rewrites`);
+# `BLIPDIFF_JAX_CPU_REWRITES=1 ./run test` runs every test on them, as CPU users run by default.
+os.environ.setdefault("BLIPDIFF_JAX_CPU_REWRITES", "0")
 # Conversion and compilation caches of this test run, not the user's. Made once, in the pytest process that
 # starts the xdist workers, which inherit it, as do the CLI and notebook subprocesses: the tiny programs recur
 # across test files, and each is compiled once per run.
@@ -107,6 +112,16 @@ def flax_pipeline(converted_model):
     from blipdiff_jax import FlaxBlipDiffusionPipeline
 
     return FlaxBlipDiffusionPipeline.from_converted(converted_model)
+
+
+@pytest.fixture(scope="session")
+def flax_pipeline_cpu_rewrites(converted_model):
+    """The pipeline CPU users get by default: the CPU layer rewrites on (the suite runs without them)."""
+    from blipdiff_jax import FlaxBlipDiffusionPipeline
+
+    pipeline, params = FlaxBlipDiffusionPipeline.from_converted(converted_model, cpu_rewrites=True)
+    assert pipeline.runtime.cpu_rewrites == (jax.default_backend() == "cpu")
+    return pipeline, params
 
 
 @pytest.fixture(scope="session")

@@ -142,10 +142,11 @@ class PretrainLoss(DiffusionLoss):
     """Pure loss over `trainable` (the groups being trained) and `frozen` (the rest, the VAE included).
     Parameter groups: "qformer" is the Q-Former tree without its `visual_encoder`, which is "vision"."""
 
-    def __init__(self, configs: dict, ctx_begin_pos: int, compute_dtype=jnp.float32, remat: bool = False):
+    def __init__(self, configs: dict, ctx_begin_pos: int, compute_dtype=jnp.float32, remat: bool = False,
+                 cpu_rewrites: bool | None = None):
         from .. import components
 
-        super().__init__(configs, ctx_begin_pos, compute_dtype, remat)
+        super().__init__(configs, ctx_begin_pos, compute_dtype, remat, cpu_rewrites=cpu_rewrites)
         self.qformer = components.build_model("qformer", configs["qformer"], self.compute_dtype)
 
     @staticmethod

@@ -1,6 +1,7 @@
 """bf16 params and compute in the ControlNet and editing pipelines, against fp32 references (tiny models).
 
-Zero-shot bf16/fp16 against PyTorch fp32 is in test_hardening.py, fine-tuning in bf16 in test_finetune.py.
+Both on the CPU rewrites (bf16 products, models/bf16_matmul.py), the path CPU users run; the plain path's
+zero-shot bf16/fp16 against PyTorch fp32 is in test_hardening.py, fine-tuning in bf16 in test_finetune.py.
 The bound is the zero-shot one (0.05 max abs on images in [0, 1]); the measured values are in the docstrings.
 """
 
@@ -21,7 +22,7 @@ PROMPTS = ["on a marble table", "in a garden"]
 def test_controlnet_bf16_against_pytorch_fp32(torch_controlnet_pipeline, torch_controlnet_pipeline_dir):
     """Measured with bf16 products on CPU (models/bf16_matmul.py): max abs 0.0165."""
     pipeline, params = FlaxBlipDiffusionControlNetPipeline.from_pretrained(torch_controlnet_pipeline_dir, from_pt=True,
-                                                                          dtype=jnp.bfloat16)
+                                                                          dtype=jnp.bfloat16, cpu_rewrites=True)
     assert params["controlnet"]["conv_in"]["kernel"].dtype == jnp.bfloat16
     maps = [canny(edge_picture(0), 30, 70), canny(edge_picture(1), 30, 70)]
     refs = [make_image(0), make_image(1, (70, 50))]
@@ -39,7 +40,8 @@ def test_editing_bf16_against_fp32(converted_model, flax_pipeline):
     """Against our fp32 edit, which test_editing.py holds to LAVIS's PyTorch semantics within 2e-3.
     Measured with bf16 products on CPU: max abs 0.0157."""
     pipeline32, params32 = flax_pipeline
-    pipeline16, params16 = FlaxBlipDiffusionPipeline.from_converted(converted_model, dtype=jnp.bfloat16)
+    pipeline16, params16 = FlaxBlipDiffusionPipeline.from_converted(converted_model, dtype=jnp.bfloat16,
+                                                                      cpu_rewrites=True)
     latents = np.random.RandomState(0).randn(1, 4, 16, 16).astype(np.float32)
     args = ("on a sofa", make_image(0), "dog", "dog", "cat")
     common = dict(latents=latents, height=32, width=32, num_inference_steps=4, output_type="np")

@@ -36,6 +36,21 @@ def test_images_match_pytorch(torch_controlnet_pipeline, flax_controlnet_pipelin
 
 
 @pytest.mark.slow
+def test_cpu_rewrites_match_pytorch(torch_controlnet_pipeline, torch_controlnet_pipeline_dir):
+    """The CPU layer rewrites in the UNet and the ControlNet (CPU users' default) within the same bound."""
+    pipeline, params = FlaxBlipDiffusionControlNetPipeline.from_pretrained(torch_controlnet_pipeline_dir, from_pt=True,
+                                                                          cpu_rewrites=True)
+    assert pipeline.runtime.cpu_rewrites == (jax.default_backend() == "cpu")
+    maps, refs, latents = [canny(edge_picture(4), 30, 70)] * 2, [make_image(4), make_image(5)], _latents(3, 16)
+    args = (PROMPTS, refs, maps, ["flower", "dog"], ["teapot", "cat"])
+    common = dict(guidance_scale=7.5, height=16, width=16, num_inference_steps=2, output_type="np")
+    ours = pipeline(*args, params=params, latents=latents, **common).images
+    ref = torch_controlnet_pipeline(*args, latents=torch.from_numpy(latents), **common).images
+    assert ours.std() > 0.02
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.slow
 def test_zero_conditioning_scale_is_the_zero_shot_image(flax_controlnet_pipeline, converted_model):
     pipeline, params = flax_controlnet_pipeline
     latents = _latents(1, 16)

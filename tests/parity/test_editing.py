@@ -106,8 +106,10 @@ def test_replace_and_reweight_controllers_match_pytorch(flax_pipeline, reference
 
 
 @pytest.mark.slow
-def test_real_image_edit_and_inversion_match_pytorch(flax_pipeline, reference):
-    pipeline, params = flax_pipeline
+@pytest.mark.parametrize("pipeline_fixture", ["flax_pipeline", "flax_pipeline_cpu_rewrites"])
+def test_real_image_edit_and_inversion_match_pytorch(pipeline_fixture, reference, request):
+    """On the plain JAX path and on the CPU layer rewrites (CPU users' default)."""
+    pipeline, params = request.getfixturevalue(pipeline_fixture)
     photo = make_image(5, (50, 40))
     inverted = pipeline.invert(photo, f"a {ORIGINAL} {PROMPT}", params=params, num_inference_steps=STEPS, height=SIZE, width=SIZE)
     pixels = torch.from_numpy(prepare_real_image(photo, SIZE, SIZE))

@@ -41,6 +41,14 @@ def test_images_match_pytorch(torch_pipeline, flax_pipeline, guidance, height, w
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOLERANCE)
 
 
+def test_cpu_rewrites_match_pytorch(torch_pipeline, flax_pipeline_cpu_rewrites):
+    """The CPU layer rewrites (CPU users' default; the rest of the suite runs without them) within the same bound."""
+    pipeline, params = flax_pipeline_cpu_rewrites
+    ours, ref = _both(torch_pipeline, pipeline, params, [make_image(0), make_image(1, (70, 50))], 32, 24, 7.5)
+    assert ours.std() > 0.02
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOLERANCE)
+
+
 @pytest.mark.slow
 def test_ddim_matches_pytorch(torch_pipeline, converted_model):
     from diffusers import DDIMScheduler, FlaxDDIMScheduler

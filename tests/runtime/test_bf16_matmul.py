@@ -165,7 +165,7 @@ def test_bf16_generation_runs_text_encoder_and_unet_products_on_bf16(converted_m
 
     from blipdiff_jax import FlaxBlipDiffusionPipeline
 
-    pipeline, params = FlaxBlipDiffusionPipeline.from_converted(converted_model, dtype=jnp.bfloat16)
+    pipeline, params = FlaxBlipDiffusionPipeline.from_converted(converted_model, dtype=jnp.bfloat16, cpu_rewrites=True)
     args = abstract_generate_args(pipeline, params, latent_size=16)
     text = pipeline._generate_jit.lower(*args, num_inference_steps=1, do_cfg=True).compile().as_text()
     types = dot_operand_types(text)

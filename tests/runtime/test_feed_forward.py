@@ -93,13 +93,13 @@ def test_pipeline_with_chunked_feed_forwards(converted_model, monkeypatch):
     latents = np.random.RandomState(0).randn(1, 4, 16, 16).astype(np.float32)
     args = ("on a sofa", make_image(0), "dog", "dog")
     common = dict(guidance_scale=7.5, height=32, width=32, num_inference_steps=2, output_type="np", latents=latents)
-    pipeline, params = FlaxBlipDiffusionPipeline.from_converted(converted_model, attention="blockwise")
+    pipeline, params = FlaxBlipDiffusionPipeline.from_converted(converted_model, attention="blockwise", cpu_rewrites=True)
     whole = pipeline(*args, params=params, **common).images
     monkeypatch.setattr(feed_forward, "CHUNK_BYTES", 4096)
     calls = []
     original = feed_forward.chunked_feed_forward
     monkeypatch.setattr(cpu_rewrites, "chunked_feed_forward", lambda *a: calls.append(a[2]) or original(*a))
-    pipeline, params = FlaxBlipDiffusionPipeline.from_converted(converted_model, attention="blockwise")
+    pipeline, params = FlaxBlipDiffusionPipeline.from_converted(converted_model, attention="blockwise", cpu_rewrites=True)
     chunked = pipeline(*args, params=params, **common).images
     assert calls, "no feed-forward ran in chunks"
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=TOLERANCE)

@@ -73,7 +73,8 @@ print("RESULT " + json.dumps({"before": before, "after_import": after_import, "a
 
 @pytest.mark.slow
 def test_importing_building_and_generating_change_nothing_process_wide():
-    env = {k: v for k, v in os.environ.items() if k != "BLIPDIFF_JAX_TUNE_MALLOC"}
+    # a user's process: no tuning asked for, the CPU rewrites on (their patches are scoped too)
+    env = {k: v for k, v in os.environ.items() if k not in ("BLIPDIFF_JAX_TUNE_MALLOC", "BLIPDIFF_JAX_CPU_REWRITES")}
     done = subprocess.run([sys.executable, "-c", FRESH_PROCESS % {"blocks": UNET_BLOCKS}], capture_output=True,
                           text=True, cwd=ROOT, env=dict(env, PYTHONPATH=ROOT), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
