@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     out = common.add_argument_group("output")
     out.add_argument("--out", default="out.png", help="PNG to write; a grid when there are several images (default: %(default)s)")
     out.add_argument("--output-dir", default=None, help="also write every image to this folder, one PNG each")
+    out.add_argument("--quiet", action="store_true", help="no progress bars (the run is then one compiled program, "
+                     "the one the Python API compiles)")
     run = common.add_argument_group("compilation")
     run.add_argument("--compile-cache", default=None, metavar="DIR",
                      help="JAX persistent compilation cache (default: $BLIPDIFF_JAX_CACHE/jax-cache, ~/.cache/blipdiff-jax/jax-cache)")
@@ -342,7 +344,7 @@ def _generate(args, clock) -> str:
         guidance_scale=args.guidance,
         num_inference_steps=steps,
         neg_prompt=args.negative_prompt,
-        progress=True,
+        progress=not args.quiet,
         **size,
         **call_extra,
     )
@@ -393,7 +395,7 @@ def _edit(args, clock) -> str:
         image=args.image, params=params, prng_seed=jax.random.PRNGKey(args.seed), guidance_scale=args.guidance,
         num_inference_steps=steps, num_inversion_steps=inversion_steps, placeholder_tokens=args.placeholder_tokens,
         cross_replace_steps=args.cross_replace_steps, self_replace_steps=args.self_replace_steps,
-        lb_threshold=args.lb_threshold, neg_prompt=args.negative_prompt, progress=True, **size,
+        lb_threshold=args.lb_threshold, neg_prompt=args.negative_prompt, progress=not args.quiet, **size,
     )
     _report(started, loaded, time.perf_counter(), clock.seconds - compiled_before)
     print("left: source, right: edit")
@@ -415,7 +417,7 @@ def _toy_demo(args) -> str:
     pipeline, params = _load(TOY_MODEL, attention=args.attention)
     print("blipdiff-jax demo: the shipped toy model draws held-out subjects from their reference (left) on three backgrounds")
     sheet, settings = transfer_sheet(pipeline, params, seed=args.seed, steps=args.steps or 25, guidance=args.guidance,
-                                     progress=True)
+                                     progress=not args.quiet)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     _write_image(sheet, args.out, settings)
     print(f"done in {time.time() - started:.1f} s")

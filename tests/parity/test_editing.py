@@ -401,7 +401,7 @@ def test_cli_edit_is_lavis(sd15, tmp_path):
     make_image(8).save(reference)
     code = main(["edit", "--model", sd15[1], "--image", str(photo), "--reference", str(reference), "--subject", "dog",
                  "--original-subject", ORIGINAL, "--prompt", LAVIS_PROMPT, "--out", str(out),
-                 "--steps", str(LAVIS_STEPS)])
+                 "--steps", str(LAVIS_STEPS), "--quiet"])  # the API's programs (with bars: test_new_user.py)
     assert code == 0
     grid = np.asarray(Image.open(out).convert("RGB"), np.float32) / 255
     ours = np.stack([grid[:, :LAVIS_SIZE], grid[:, LAVIS_SIZE:]])
