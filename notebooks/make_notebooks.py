@@ -28,7 +28,6 @@ TINY = os.environ.get("BLIPDIFF_NOTEBOOK_MODEL") == "tiny"  # the test suite's o
 print("embedded tiny random-weight model (offline check)" if TINY else "real model from the Hub")'''
 
 DEVICES = '''import jax, jax.numpy as jnp, numpy as np
-from flax.jax_utils import replicate
 from IPython.display import display
 from blipdiff_jax.image_processing import image_grid
 print(jax.devices())
@@ -63,7 +62,7 @@ else:  # downloads once, converts once into ~/.cache/blipdiff-jax, then reuses t
 
 
 def per_device(call: str) -> str:
-    return f'''# One image per device: params replicated, prompts split over devices (diffusers' Flax convention).
+    return f'''# One image per device: params replicated (pipeline.replicate, as flax.jax_utils.replicate), prompts split over devices\n# (diffusers' Flax convention).
 prompts = [PROMPT] * num_devices
 out = {call}
 display(image_grid(out.images, rows=1))'''
@@ -83,7 +82,7 @@ def main() -> None:
                           "prompt says what the dog does."),
         new_code_cell(load_cell("FlaxBlipDiffusionPipeline", "Salesforce/blipdiffusion")),
         new_code_cell('dog = photo("dog.png")\nPROMPT = "swimming underwater"\ndisplay(dog.resize((128, 128)))'),
-        new_code_cell(per_device('pipeline(prompts, dog, "dog", "dog", params=replicate(params), jit=True,\n'
+        new_code_cell(per_device('pipeline(prompts, dog, "dog", "dog", params=pipeline.replicate(params), jit=True,\n'
                                  '               prng_seed=jax.random.PRNGKey(0), height=size, width=size, num_inference_steps=steps)')),
         new_markdown_cell("Subject embeddings are a value: compute once, reuse for many prompts."),
         new_code_cell('emb = pipeline.encode_subject(dog, "dog", params)\n'
@@ -98,7 +97,7 @@ def main() -> None:
         new_code_cell('from blipdiff_jax.image_processing import canny\n'
                       'flower, edges = photo("flower.jpg", 1), canny(photo("kettle.jpg", 2), 30, 70)\n'
                       'PROMPT = "on a marble table"\ndisplay(image_grid([flower.resize((128, 128)), edges.resize((128, 128))]))'),
-        new_code_cell(per_device('pipeline(prompts, flower, edges, "flower", "teapot", params=replicate(params), jit=True,\n'
+        new_code_cell(per_device('pipeline(prompts, flower, edges, "flower", "teapot", params=pipeline.replicate(params), jit=True,\n'
                                  '               prng_seed=jax.random.PRNGKey(0), height=size, width=size, num_inference_steps=steps)')),
     ])
     write("editing.ipynb", "Subject-driven editing: synthetic, real image, virtual try-on", [
@@ -106,7 +105,7 @@ def main() -> None:
                           "Each edit shows the source (generated or reconstructed) image, then the edit."),
         new_code_cell(load_cell("FlaxBlipDiffusionPipeline", "Salesforce/blipdiffusion")),
         new_code_cell('dog = photo("dog.png")\nPROMPT = "sitting on a sofa"'),
-        new_code_cell(per_device('pipeline(prompts, dog, "dog", "dog", params=replicate(params), jit=True,\n'
+        new_code_cell(per_device('pipeline(prompts, dog, "dog", "dog", params=pipeline.replicate(params), jit=True,\n'
                                  '               prng_seed=jax.random.PRNGKey(0), height=size, width=size, num_inference_steps=steps)')),
         new_markdown_cell("Synthetic editing: generate \"a cat sitting on a sofa\", then edit the cat into the dog."),
         new_code_cell('out = pipeline.edit(PROMPT, dog, "dog", "dog", "cat", params=params, prng_seed=jax.random.PRNGKey(42),\n'
@@ -128,7 +127,7 @@ def main() -> None:
                       'SubjectFinetuner(model, FinetuneConfig(images=str(photos), subject="dog", out=out_dir, **settings)).train()\n'
                       'print(open(out_dir + "/loss.jsonl").read()[:300])'),
         new_code_cell('pipeline, params = FlaxBlipDiffusionPipeline.from_pretrained(out_dir)\nPROMPT = "on the beach"'),
-        new_code_cell(per_device('pipeline(prompts, None, None, "dog", params=replicate(params), jit=True,\n'
+        new_code_cell(per_device('pipeline(prompts, None, None, "dog", params=pipeline.replicate(params), jit=True,\n'
                                  '               prng_seed=jax.random.PRNGKey(0), height=size, width=size, num_inference_steps=steps)')),
     ])
 

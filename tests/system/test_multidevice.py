@@ -27,7 +27,8 @@ def reference(flax_pipeline):
 def test_pmap_convention_matches_one_device(flax_pipeline, reference):
     pipeline, params = flax_pipeline
     kwargs, single = reference
-    out = pipeline(PROMPTS, make_image(0), "dog", ["dog", "cat", "dog", "cat"], params=replicate(params), jit=True, **kwargs).images
+    out = pipeline(PROMPTS, make_image(0), "dog", ["dog", "cat", "dog", "cat"], params=pipeline.replicate(params), jit=True,
+                   **kwargs).images
     np.testing.assert_allclose(out, single, rtol=0, atol=1e-5)
 
 
@@ -56,7 +57,7 @@ def test_controlnet_pmap_and_mesh_match_one_device(flax_controlnet_pipeline, ref
     edges = canny(make_image(1, (32, 32)), 30, 70)
     args = (PROMPTS, make_image(0), edges, "dog", ["dog", "cat", "dog", "cat"])
     single = pipeline(*args, params=params, **kwargs).images
-    pmapped = pipeline(*args, params=replicate(params), jit=True, **kwargs).images
+    pmapped = pipeline(*args, params=pipeline.replicate(params), jit=True, **kwargs).images
     meshed = pipeline(*args, params=params, mesh=Mesh(np.array(jax.devices()[:4]), ("data",)), **kwargs).images
     np.testing.assert_allclose(pmapped, single, rtol=0, atol=1e-5)
     np.testing.assert_allclose(meshed, single, rtol=0, atol=1e-5)
@@ -97,7 +98,13 @@ def test_replicated_params_are_recognised_by_their_sharding(flax_pipeline, refer
     pipeline, params = flax_pipeline
     kwargs, single = reference
     replicated = pipeline.replicate(params)
-    assert placement.is_replicated(replicated) and placement.is_replicated(replicate(params))
+    assert placement.is_replicated(replicated)
+    # the arrays flax's replicate makes (shown on one block: flax compiles a stack per leaf shape)
+    block = params["unet"]["conv_in"]
+    for ours, flax_way in zip(jax.tree_util.tree_leaves(pipeline.replicate(block)), jax.tree_util.tree_leaves(replicate(block))):
+        assert ours.shape == flax_way.shape and ours.sharding.is_equivalent_to(flax_way.sharding, ours.ndim)
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(flax_way))
+    assert placement.is_replicated(pipeline.replicate(jax.device_put(block, jax.devices()[1])))  # committed elsewhere
     assert not placement.is_replicated(params)
     # One kernel stacked per device is not a replicated tree.
     stacked_kernel = jax.tree_util.tree_map(lambda x: x, params)
