@@ -1,4 +1,4 @@
-"""The notebooks run end to end on the embedded tiny model (BLIPDIFF_NOTEBOOK_MODEL=tiny), offline."""
+"""The notebooks run end to end on the embedded tiny model (BLIPDIFF_NOTEBOOK_MODEL=tiny), offline, in one kernel."""
 
 import os
 
@@ -17,20 +17,34 @@ def test_there_is_a_notebook_per_use():
         assert name in NAMES
 
 
+@pytest.fixture(scope="module")
+def kernel():
+    """One kernel for the notebooks of this file (each starts with `%reset -f`: names do not carry over, imported
+    modules do): a kernel per notebook cost ~6 s of imports each. It shares the test run's compilation cache
+    (conftest), so programs the notebooks have in common compile once per run."""
+    from jupyter_client.manager import KernelManager
+
+    env = dict(os.environ, BLIPDIFF_NOTEBOOK_MODEL="tiny", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(jax.config.jax_persistent_cache_min_compile_time_secs))
+    manager = KernelManager(kernel_name="python3")
+    manager.start_kernel(cwd=NOTEBOOKS, env=env)
+    try:
+        yield manager
+    finally:
+        manager.shutdown_kernel(now=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs_and_is_committed_without_outputs(name, monkeypatch):
+def test_notebook_runs_and_is_committed_without_outputs(name, kernel):
     path = os.path.join(NOTEBOOKS, name)
     notebook = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") and cell.get("execution_count") is None
                for cell in notebook.cells if cell.cell_type == "code"), "committed with stale outputs"
     assert "colab.research.google.com" in notebook.cells[0].source
-    monkeypatch.setenv("BLIPDIFF_NOTEBOOK_MODEL", "tiny")
-    # The kernels share the test run's compilation cache (conftest): the notebooks compile the same tiny
-    # programs (the 4-device generation, the Q-Former), each once per run instead of once per notebook.
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(jax.config.jax_persistent_cache_min_compile_time_secs))
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}})
+    notebook.cells.insert(0, nbformat.v4.new_code_cell("%reset -f"))  # a fresh namespace in the shared kernel
+    client = NotebookClient(notebook, km=kernel, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": NOTEBOOKS}})
     client.execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
