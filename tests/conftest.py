@@ -46,16 +46,16 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["BLIPDIFF_TEST_RUN_CACHE"], ignore_errors=True)
 
 
-# The files that take longest on 2 CPU cores, longest first (whole-suite seconds from ~220 down to ~30).
+# The files that take longest on 2 CPU cores, longest first (whole-suite seconds from ~230 down to ~20).
 # `--dist loadfile` hands the files out in this order, then the rest in collection order, so both workers
 # end on short files; xdist's own order (most tests first) started the notebooks and the two-process test
 # last, leaving one worker idle for a minute.
 LONGEST_FILES = (
-    "training/test_sharding.py", "parity/test_editing.py", "system/test_notebooks.py", "system/test_new_user.py",
-    "training/test_pretrain.py", "system/test_multidevice.py", "training/test_finetune.py", "parity/test_lora.py",
-    "parity/test_pipeline.py", "evaluation/test_evaluate.py", "training/test_lora_finetune.py",
-    "system/test_multiprocess.py", "system/test_cli.py", "runtime/test_vae_decode.py", "parity/test_controlnet.py",
-    "conversion/test_convert.py", "runtime/test_attention.py",
+    "parity/test_editing.py", "training/test_sharding.py", "system/test_new_user.py", "training/test_pretrain.py",
+    "training/test_finetune.py", "system/test_notebooks.py", "system/test_cli.py", "runtime/test_vae_decode.py",
+    "parity/test_pipeline.py", "conversion/test_convert.py", "evaluation/test_evaluate.py", "parity/test_controlnet.py",
+    "system/test_multiprocess.py", "training/test_lora_finetune.py", "parity/test_subject_encoder.py",
+    "system/test_multidevice.py", "parity/test_context_clip.py", "runtime/test_attention.py", "parity/test_bf16.py",
 )
 
 
