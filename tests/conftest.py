@@ -24,11 +24,16 @@ _RUN_CACHE_OWNER = "BLIPDIFF_TEST_RUN_CACHE" not in os.environ  # this process m
 if _RUN_CACHE_OWNER:
     os.environ["BLIPDIFF_TEST_RUN_CACHE"] = tempfile.mkdtemp(prefix="blipdiff-jax-cache-")
 os.environ["BLIPDIFF_JAX_CACHE"] = os.environ["BLIPDIFF_TEST_RUN_CACHE"]
+# Every program goes into that cache, however fast it compiles: most of the suite's ~2000 compiles are small
+# ones that each worker and subprocess would otherwise compile again. The variable, not only the config below,
+# so that the CLI (run in-process and in subprocesses), which keeps JAX's setting when one is given, keeps it.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["BLIPDIFF_JAX_CACHE"], "jax-cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 # On a GPU, JAX's default fp32 matmuls and convolutions use TF32 (a 10-bit mantissa): errors of ~1e-3 against
 # the fp32 references, where the parity tolerances are 1e-5 (seen on an H100). Full fp32 there, as
 # on CPU, where this changes nothing.
