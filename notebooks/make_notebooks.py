@@ -62,7 +62,8 @@ else:  # downloads once, converts once into ~/.cache/blipdiff-jax, then reuses t
 
 
 def per_device(call: str) -> str:
-    return f'''# One image per device: params replicated (pipeline.replicate, as flax.jax_utils.replicate), prompts split over devices\n# (diffusers' Flax convention).
+    return f'''# One image per device: params replicated (pipeline.replicate, as flax.jax_utils.replicate), prompts split over devices
+# (diffusers' Flax convention).
 prompts = [PROMPT] * num_devices
 out = {call}
 display(image_grid(out.images, rows=1))'''
